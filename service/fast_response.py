@@ -1,0 +1,199 @@
+"""The fast-response service: prompt, engine call under a deadline, guard, fallback.
+
+Routes call `FastResponseService.respond`; everything between the wire schema and
+the engine happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from service.engine import AdapterRef, Engine, GenerationRequest, GenerationResult
+from service.errors import EngineError, EngineUnavailable, UnknownPersonality
+from service.guard import clean_fast_response
+from service.metrics import Metrics
+from service.personalities import Personality
+from service.prompts import PromptMode, Turn, build_prompt
+from service.schemas import FastResponseRequest, FastResponseResponse
+
+logger = logging.getLogger(__name__)
+
+
+class FallbackReason(StrEnum):
+    """Why a fallback phrase was served (a bounded metrics label)."""
+
+    DEADLINE = "deadline"
+    ENGINE_ERROR = "engine_error"
+    GUARD = "guard"
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveAdapter:
+    """The adapter serving a personality, and the version reported to clients."""
+
+    ref: AdapterRef
+    version: str
+
+
+def adapter_version(path: Path) -> str:
+    """An adapter's version: `version` from its `fastresp_card.json`, else the folder name."""
+    card = path / "fastresp_card.json"
+    if card.is_file():
+        version = json.loads(card.read_text(encoding="utf-8")).get("version")
+        if isinstance(version, str) and version:
+            return version
+    return path.name
+
+
+async def load_configured_adapters(
+    engine: Engine, personalities: Mapping[str, Personality]
+) -> dict[str, ActiveAdapter]:
+    """Load the adapter of every personality that names one, with ids 1, 2, ...
+
+    Raises:
+        EngineError: an adapter failed to load; startup must fail with this reason.
+    """
+    active: dict[str, ActiveAdapter] = {}
+    ids = itertools.count(1)
+    for name, personality in personalities.items():
+        if personality.adapter is None:
+            continue
+        if not (personality.adapter / "adapter_config.json").is_file():
+            raise EngineError(
+                f"personality {name!r}: adapter {personality.adapter} has no adapter_config.json"
+            )
+        ref = AdapterRef(name=name, lora_int_id=next(ids), path=personality.adapter)
+        await engine.add_adapter(ref)
+        active[name] = ActiveAdapter(ref, adapter_version(personality.adapter))
+        logger.info("loaded adapter %s for %s", active[name].version, name)
+    return active
+
+
+class FastResponseService:
+    """Answers one request: build the prompt, generate within the deadline, guard it.
+
+    The fallback phrase is used only on a deadline, an engine error or a guard
+    rejection, and each use is counted in `fastresp_fallbacks_total`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        personalities: Mapping[str, Personality],
+        adapters: Mapping[str, ActiveAdapter],
+        metrics: Metrics,
+        deadline_s: float,
+        base_prompt_mode: PromptMode,
+    ) -> None:
+        self._engine = engine
+        self._personalities = dict(personalities)
+        self._adapters = dict(adapters)
+        self._metrics = metrics
+        self.deadline_s = deadline_s
+        self._base_prompt_mode = base_prompt_mode
+        self._tokenizer = engine.get_tokenizer()
+        self._fallbacks: dict[str, Iterator[str]] = {
+            name: itertools.cycle(p.fallback_phrases) for name, p in self._personalities.items()
+        }
+
+    @property
+    def personalities(self) -> Mapping[str, Personality]:
+        """The served personalities by name."""
+        return self._personalities
+
+    def adapter_version(self, name: str) -> str | None:
+        """The version of the adapter serving `name`; None for the base model."""
+        active = self._adapters.get(name)
+        return active.version if active else None
+
+    def personality(self, name: str) -> Personality:
+        """The personality called `name`; raises UnknownPersonality (404)."""
+        try:
+            return self._personalities[name]
+        except KeyError:
+            raise UnknownPersonality(
+                f"unknown personality {name!r}; known: {', '.join(self._personalities)}",
+                loc=("body", "personality"),
+            ) from None
+
+    def prompt_for(self, personality: Personality, turn: Turn) -> str:
+        """Model input: chat template for an adapter, `base_prompt_mode` otherwise."""
+        mode: PromptMode = "chat" if personality.name in self._adapters else self._base_prompt_mode
+        return build_prompt(personality, turn, mode, self._tokenizer)
+
+    async def respond(self, request: FastResponseRequest) -> FastResponseResponse:
+        """Answer `request` within the deadline.
+
+        Raises:
+            UnknownPersonality: the personality is not served (404).
+        """
+        started = time.perf_counter()
+        personality = self.personality(request.personality)
+        request_id = request.request_id or uuid.uuid4().hex
+        active = self._adapters.get(personality.name)
+        turn = Turn(request.pika_turn, request.user_turn, request.main_response)
+        generation = GenerationRequest(
+            prompt=self.prompt_for(personality, turn),
+            max_tokens=personality.sampling.max_tokens,
+            temperature=personality.sampling.temperature,
+            top_p=personality.sampling.top_p,
+            stop=personality.sampling.stop,
+            adapter=active.ref if active else None,
+        )
+        self._metrics.in_flight.inc()
+        try:
+            text, reason = await self._generate(personality, request_id, generation)
+        finally:
+            self._metrics.in_flight.dec()
+        source = "model"
+        if text is None:
+            source = "fallback"
+            text = next(self._fallbacks[personality.name])
+            self._metrics.fallbacks.labels(personality.name, reason).inc()
+        elapsed = time.perf_counter() - started
+        self._metrics.request_duration.labels(personality.name, source).observe(elapsed)
+        self._metrics.requests.labels(personality.name, source, "ok").inc()
+        return FastResponseResponse(
+            fast_response=text,
+            source=source,
+            personality=personality.name,
+            adapter_version=active.version if active else None,
+            latency_ms=round(elapsed * 1000, 2),
+            request_id=request_id,
+        )
+
+    async def _generate(
+        self, personality: Personality, request_id: str, generation: GenerationRequest
+    ) -> tuple[str | None, FallbackReason | None]:
+        """The guarded model text, or (None, reason) when a fallback must be used."""
+        engine_started = time.perf_counter()
+        result: GenerationResult
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                result = await self._engine.generate(request_id, generation)
+        except TimeoutError:
+            logger.info("request %s missed the %.0f ms deadline", request_id, self.deadline_s * 1e3)
+            return None, FallbackReason.DEADLINE
+        except (EngineError, EngineUnavailable) as exc:
+            logger.warning("request %s: engine error: %s", request_id, exc)
+            return None, FallbackReason.ENGINE_ERROR
+        finally:
+            self._metrics.engine_duration.labels(personality.name).observe(
+                time.perf_counter() - engine_started
+            )
+        guarded = clean_fast_response(
+            result.text, personality.max_words, truncated=result.finish_reason == "length"
+        )
+        if guarded.text is None:
+            logger.info("request %s: guard rejected output (%s)", request_id, guarded.rejection)
+            return None, FallbackReason.GUARD
+        return guarded.text, None

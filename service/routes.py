@@ -1,0 +1,102 @@
+"""HTTP routes. Thin: parse, call the service, shape the response."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from service.engine import Engine
+from service.errors import EngineUnavailable
+from service.fast_response import FastResponseService
+from service.metrics import Metrics
+from service.schemas import ErrorResponse, FastResponseRequest, FastResponseResponse, Health
+
+
+def get_service(request: Request) -> FastResponseService:
+    """The app's FastResponseService (set by the lifespan)."""
+    service: FastResponseService = request.app.state.service
+    return service
+
+
+def get_engine(request: Request) -> Engine:
+    """The app's engine (set by the lifespan)."""
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's metrics (set by the lifespan)."""
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+ServiceDep = Annotated[FastResponseService, Depends(get_service)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown personality."},
+    413: {"model": ErrorResponse, "description": "Request body over 64 KB."},
+    422: {"model": ErrorResponse, "description": "Bad input; `loc` names the field."},
+}
+
+
+@router.post("/fast-response", response_model=FastResponseResponse, responses=_ERRORS)
+async def fast_response(body: FastResponseRequest, service: ServiceDep) -> FastResponseResponse:
+    """One short, warm reaction to the child's turn, within the deadline."""
+    return await service.respond(body)
+
+
+@router.get("/personalities")
+async def personalities(service: ServiceDep) -> dict[str, list[dict[str, Any]]]:
+    """The served personalities, with their description and adapter version."""
+    return {
+        "personalities": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "adapter_version": service.adapter_version(p.name),
+            }
+            for p in service.personalities.values()
+        ]
+    }
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Liveness: the process answers HTTP."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request, engine: EngineDep) -> Response:
+    """Readiness: the engine answers its health check and Redis (if configured) a ping."""
+    checks: dict[str, str] = {}
+    try:
+        await engine.check_health()
+        checks["engine"] = "ok"
+    except EngineUnavailable as exc:
+        checks["engine"] = exc.message
+    redis_client = request.app.state.redis
+    if redis_client is not None:
+        try:
+            await redis_client.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # any Redis failure means "not ready", with its reason
+            checks["redis"] = f"{type(exc).__name__}: {exc}"
+    ok = all(value == "ok" for value in checks.values())
+    health = Health(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(status_code=200 if ok else 503, content=health.model_dump())
+
+
+@router.get("/metrics")
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus exposition: the gateway's `fastresp_*` collectors, then the in-process
+    vLLM engine's `vllm:*` collectors (which vLLM registers on the default registry)."""
+    payload = generate_latest(metrics.registry) + generate_latest(REGISTRY)
+    return Response(content=payload, media_type=CONTENT_TYPE_LATEST)

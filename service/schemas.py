@@ -1,0 +1,87 @@
+"""Wire schemas of the HTTP API (pydantic). Limits are documented in the README.
+
+Length limits, in characters:
+- `pika_turn` 1,000: the longest Bridge tutor turn is 162;
+- `user_turn` 500: a child's spoken turn; the longest Bridge student turn is 268;
+- `main_response` 2,000: a tutor's full answer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_PIKA_TURN_CHARS = 1000
+MAX_USER_TURN_CHARS = 500
+MAX_MAIN_RESPONSE_CHARS = 2000
+
+Source = Literal["model", "cache", "fallback"]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or whitespace-only")
+    return value
+
+
+PikaTurn = Annotated[str, Field(max_length=MAX_PIKA_TURN_CHARS), AfterValidator(_not_blank)]
+UserTurn = Annotated[str, Field(max_length=MAX_USER_TURN_CHARS), AfterValidator(_not_blank)]
+MainResponse = Annotated[str, Field(max_length=MAX_MAIN_RESPONSE_CHARS), AfterValidator(_not_blank)]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+
+
+class FastResponseRequest(BaseModel):
+    """`POST /fast-response` body. Unknown fields are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    personality: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    """A personality from the manifest; an unknown one gets 404."""
+    pika_turn: PikaTurn | None = None
+    """Pika's previous turn. Omit or null at the start of a conversation; if given,
+    it must not be blank."""
+    user_turn: UserTurn
+    """What the child said (the ASR transcript)."""
+    main_response: MainResponse | None = None
+    """Pika's main answer, when it is already known."""
+    session_id: Identifier | None = None
+    """The child's lesson session, for per-session state."""
+    request_id: Identifier | None = None
+    """Caller's id for tracing; one is generated when absent."""
+
+
+class FastResponseResponse(BaseModel):
+    """`POST /fast-response` answer."""
+
+    fast_response: str
+    source: Source
+    """`model`: generated now; `cache`: a stored model answer; `fallback`: a fixed
+    phrase after a deadline, engine error or guard rejection."""
+    personality: str
+    adapter_version: str | None
+    """Version of the LoRA adapter that answered; None for the base model."""
+    latency_ms: float
+    """Time spent in the gateway for this request, in milliseconds."""
+    request_id: str
+
+
+class ErrorDetail(BaseModel):
+    """One problem with a request; `loc` names the field, e.g. ["body", "user_turn"]."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    detail: list[ErrorDetail]
+
+
+class Health(BaseModel):
+    """`/healthz` and `/readyz` body."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = {}

@@ -1,0 +1,141 @@
+"""Typed service settings, read from `FASTRESP_*` environment variables.
+
+Build one `Settings` at the entry point (the CLI or a test) and pass it down;
+nothing in the package creates settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The deadline used on a GPU when none is configured: the product's P95 goal.
+GPU_DEFAULT_DEADLINE_MS = 100
+#: The deadline used on the CPU when none is configured. gemma-3-270m on two
+#: cores answers in 0.5-0.6 s (shared/ENVIRONMENT.md); 2 s leaves room for a
+#: small batch without turning every answer into a fallback.
+CPU_DEFAULT_DEADLINE_MS = 2000
+
+
+def default_cache_dir() -> Path:
+    """Where prepared models live: `$XDG_CACHE_HOME/pika-fastresp` or `~/.cache/pika-fastresp`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pika-fastresp"
+
+
+def default_personalities_file() -> Path:
+    """The manifest shipped in the `adapters` package."""
+    return Path(str(resources.files("adapters") / "personalities.yaml"))
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway and its in-process vLLM engine.
+
+    Raises:
+        pydantic.ValidationError: on a bad value or an unsafe combination, before
+            anything heavy loads.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FASTRESP_", extra="forbid")
+
+    model: Path | None = None
+    """Base model directory (safetensors + tokenizer). None: the prepared gemma-3-270m
+    default under `cache_dir` (`fastresp model prepare` builds it)."""
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Cache for prepared models."""
+
+    personalities_file: Path = Field(default_factory=default_personalities_file)
+    """YAML manifest of the personalities served."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port the HTTP server binds."""
+
+    deadline_ms: int | None = Field(default=None, ge=1, le=60_000)
+    """Per-request deadline for the engine, in milliseconds. Past it the engine request
+    is aborted and a fallback phrase is returned. None: 100 ms on a GPU, 2000 ms on
+    the CPU."""
+
+    base_prompt_mode: Literal["few_shot", "chat"] = "few_shot"
+    """Prompt mode for a personality served by the base model without an adapter:
+    `few_shot` for base (pretrained) models, `chat` for instruct models. Adapters are
+    always served with the chat template they were trained with."""
+
+    max_model_len: int = Field(default=2048, ge=128)
+    """vLLM `max_model_len`: prompt plus output tokens, per request."""
+
+    max_num_seqs: int = Field(default=64, ge=1)
+    """vLLM `max_num_seqs`: requests batched together by continuous batching."""
+
+    enable_prefix_caching: bool = True
+    """vLLM automatic prefix caching: the personality's shared prompt prefix is computed once."""
+
+    enable_lora: bool = True
+    """Start the engine with LoRA support, so adapters can be served and swapped."""
+
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = 16
+    """Largest LoRA rank the engine accepts (vLLM `max_lora_rank`; vLLM allows these values).
+    Production adapters use rank 16 or less."""
+
+    max_loras: int = Field(default=2, ge=1)
+    """LoRA adapters resident in one batch (vLLM `max_loras`)."""
+
+    max_cpu_loras: int = Field(default=4, ge=1)
+    """LoRA adapters kept in vLLM's CPU-side LRU cache (vLLM `max_cpu_loras`)."""
+
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    """Fraction of GPU memory vLLM may use (weights + KV cache). GPU only."""
+
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0)
+    """KV-cache size in GiB on the CPU (sets `VLLM_CPU_KVCACHE_SPACE` unless already set).
+    All vLLM processes share NUMA node 0, so keep this small when several engines run."""
+
+    enforce_eager: bool = False
+    """Disable CUDA graphs / torch.compile in vLLM: slower decode, faster start."""
+
+    seed: int = 0
+    """Engine seed, so sampling is reproducible for a given request order."""
+
+    redis_url: str | None = None
+    """Redis URL (e.g. `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for `/admin/*` routes. None: admin routes are disabled."""
+
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest accepted request body, in bytes; larger bodies get 413."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the service and uvicorn."""
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses otherwise)")
+        if not self.personalities_file.is_file():
+            raise ValueError(f"personalities_file {self.personalities_file} does not exist")
+        if self.model is not None and not (self.model / "config.json").is_file():
+            raise ValueError(f"model {self.model} is not a model directory (no config.json)")
+        return self
+
+    def default_model_dir(self) -> Path:
+        """The directory `fastresp model prepare` writes gemma-3-270m to."""
+        return self.cache_dir / "models" / "gemma-3-270m"
+
+    def resolved_model(self) -> Path:
+        """The model directory to serve: `model`, or the prepared default."""
+        return self.model if self.model is not None else self.default_model_dir()
+
+    def resolved_deadline_ms(self, device: str) -> int:
+        """The deadline in ms: the configured one, or the default for `device` ("cpu"/"cuda")."""
+        if self.deadline_ms is not None:
+            return self.deadline_ms
+        return CPU_DEFAULT_DEADLINE_MS if device == "cpu" else GPU_DEFAULT_DEADLINE_MS

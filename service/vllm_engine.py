@@ -1,0 +1,171 @@
+"""The in-process vLLM engine (`AsyncLLM`) behind the `Engine` protocol.
+
+vLLM runs its engine core in a child process; this object lives in the gateway's
+event loop. Importing this module imports vLLM, so only the app factory does it,
+when the service starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from service.engine import AdapterRef, GenerationRequest, GenerationResult
+from service.errors import EngineError, EngineUnavailable
+from service.prompts import ChatTokenizer
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+def engine_args(settings: Settings, device: str) -> Any:
+    """vLLM `AsyncEngineArgs` for `settings` on `device` ("cpu" or "cuda").
+
+    On the CPU the KV cache gets an explicit size (`cpu_kv_cache_gib`), because
+    `gpu_memory_utilization` there is a fraction of one NUMA node and the default
+    refuses to start (shared/ENVIRONMENT.md).
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    memory: dict[str, Any]
+    if device == "cpu":
+        memory = {"kv_cache_memory_bytes": int(settings.cpu_kv_cache_gib * GIB)}
+    else:
+        memory = {"gpu_memory_utilization": settings.gpu_memory_utilization}
+    return AsyncEngineArgs(
+        model=str(settings.resolved_model()),
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enable_lora=settings.enable_lora,
+        max_lora_rank=settings.max_lora_rank,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        enforce_eager=settings.enforce_eager,
+        seed=settings.seed,
+        disable_log_stats=False,
+        **memory,
+    )
+
+
+class VLLMEngine:
+    """`Engine` over vLLM's `AsyncLLM`. Build it with `await VLLMEngine.start(settings)`."""
+
+    def __init__(self, llm: AsyncLLM, device: str) -> None:
+        self._llm = llm
+        self._device = device
+
+    @classmethod
+    async def start(cls, settings: Settings) -> VLLMEngine:
+        """Load the model and start the engine core (tiny model ~25 s, gemma ~50 s on 2 cores).
+
+        Raises:
+            EngineUnavailable: vLLM could not start (bad model directory, out of memory).
+        """
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        device = "cpu" if current_platform.is_cpu() else "cuda"
+        args = engine_args(settings, device)
+        started = time.perf_counter()
+        try:
+            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception as exc:  # vLLM raises many types on a failed start; keep the cause
+            raise EngineUnavailable(f"vLLM failed to start on {args.model}: {exc}") from exc
+        logger.info("vLLM engine ready on %s in %.1f s", device, time.perf_counter() - started)
+        return cls(llm, device)
+
+    @property
+    def device(self) -> str:
+        """ "cpu" or "cuda"."""
+        return self._device
+
+    async def generate(self, request_id: str, request: GenerationRequest) -> GenerationResult:
+        """Run one generation; cancelling the caller aborts it in vLLM (see `Engine`)."""
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=list(request.stop),
+            seed=request.seed,
+        )
+        lora = None
+        if request.adapter is not None:
+            lora = LoRARequest(
+                request.adapter.name, request.adapter.lora_int_id, str(request.adapter.path)
+            )
+        started = time.perf_counter()
+        ttft: float | None = None
+        final = None
+        try:
+            async for output in self._llm.generate(
+                request.prompt, params, request_id, lora_request=lora
+            ):
+                if ttft is None and output.outputs and output.outputs[0].token_ids:
+                    ttft = time.perf_counter() - started
+                final = output
+        except asyncio.CancelledError:
+            # AsyncLLM.generate aborts on cancellation too; this makes it explicit and
+            # covers a cancel that lands between outputs.
+            await self._llm.abort(request_id)
+            raise
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineUnavailable(f"vLLM engine is dead: {exc}") from exc
+            raise EngineError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        if final is None or not final.outputs:
+            raise EngineError("vLLM returned no output")
+        completion = final.outputs[0]
+        return GenerationResult(
+            text=completion.text,
+            output_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            ttft_s=ttft,
+        )
+
+    async def check_health(self) -> None:
+        """Raise EngineUnavailable when the engine core has died."""
+        if self._llm.errored:
+            raise EngineUnavailable(f"vLLM engine is dead: {self._llm.dead_error}")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineUnavailable(f"vLLM health check failed: {exc}") from exc
+
+    def get_tokenizer(self) -> ChatTokenizer:
+        """The served model's tokenizer."""
+        return cast(ChatTokenizer, self._llm.get_tokenizer())
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load a LoRA adapter into vLLM; raises EngineError with vLLM's reason."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(adapter.name, adapter.lora_int_id, str(adapter.path))
+        try:
+            loaded = await self._llm.add_lora(request)
+        except Exception as exc:
+            raise EngineError(f"vLLM refused adapter {adapter.path}: {exc}") from exc
+        if not loaded:
+            raise EngineError(f"vLLM did not load adapter {adapter.path}")
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Unload a LoRA adapter from vLLM (a no-op if it is not loaded)."""
+        await self._llm.remove_lora(adapter.lora_int_id)
+
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM is still running or queueing."""
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def close(self) -> None:
+        """Shut the engine core down."""
+        self._llm.shutdown()
