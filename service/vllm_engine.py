@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+#: KV block size on the CPU: vLLM's CPU backend prefers multiples of 32.
+CPU_BLOCK_SIZE = 32
 
 
 def engine_args(settings: Settings, device: str) -> Any:
@@ -34,11 +36,20 @@ def engine_args(settings: Settings, device: str) -> Any:
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    memory: dict[str, Any]
+    device_args: dict[str, Any]
     if device == "cpu":
-        memory = {"kv_cache_memory_bytes": int(settings.cpu_kv_cache_gib * GIB)}
+        device_args = {
+            "kv_cache_memory_bytes": int(settings.cpu_kv_cache_gib * GIB),
+            "block_size": settings.block_size or CPU_BLOCK_SIZE,
+            "dtype": "float32" if settings.dtype == "auto" else settings.dtype,
+        }
     else:
-        memory = {"gpu_memory_utilization": settings.gpu_memory_utilization}
+        device_args = {
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "dtype": settings.dtype,
+        }
+        if settings.block_size is not None:
+            device_args["block_size"] = settings.block_size
     return AsyncEngineArgs(
         model=str(settings.resolved_model()),
         max_model_len=settings.max_model_len,
@@ -51,7 +62,7 @@ def engine_args(settings: Settings, device: str) -> Any:
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         disable_log_stats=False,
-        **memory,
+        **device_args,
     )
 
 
@@ -167,5 +178,8 @@ class VLLMEngine:
         return int(self._llm.get_num_unfinished_requests())
 
     async def close(self) -> None:
-        """Shut the engine core down."""
+        """Shut the engine core down. The engine cannot be used afterwards."""
         self._llm.shutdown()
+        # Drop the reference now: AsyncLLM.__del__ calls shutdown() again, which fails
+        # noisily when it only runs at interpreter exit.
+        del self._llm

@@ -1,0 +1,112 @@
+"""Unit tests of FastResponseService's fallback rules, with a scripted fake engine.
+
+The fake honours the Engine protocol; the real engine is covered in test_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from service.engine import AdapterRef, GenerationRequest, GenerationResult
+from service.errors import EngineError
+from service.fast_response import FastResponseService
+from service.metrics import Metrics
+from service.personalities import Personality
+from service.prompts import ChatTokenizer
+from service.schemas import FastResponseRequest
+
+PERSONALITY = Personality(
+    name="cheerful", description="d", style="s", max_words=12, fallback_phrases=("Hmm!", "Oh!")
+)
+
+
+class ScriptedEngine:
+    """Answers each generate() with the next scripted text, or raises it if an exception."""
+
+    device = "cpu"
+
+    def __init__(self, script: Sequence[str | Exception], delay_s: float = 0.0) -> None:
+        self.script = list(script)
+        self.delay_s = delay_s
+        self.request_ids: list[str] = []
+
+    async def generate(self, request_id: str, request: GenerationRequest) -> GenerationResult:
+        self.request_ids.append(request_id)
+        await asyncio.sleep(self.delay_s)
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return GenerationResult(step, output_tokens=3, finish_reason="stop", ttft_s=0.0)
+
+    async def check_health(self) -> None: ...
+    def get_tokenizer(self) -> ChatTokenizer:
+        raise NotImplementedError
+
+    async def add_adapter(self, adapter: AdapterRef) -> None: ...
+    async def remove_adapter(self, adapter: AdapterRef) -> None: ...
+    def num_unfinished_requests(self) -> int:
+        return 0
+
+    async def close(self) -> None: ...
+
+
+def _service(
+    engine: ScriptedEngine, metrics: Metrics, deadline_s: float = 1.0
+) -> FastResponseService:
+    return FastResponseService(
+        engine, {"cheerful": PERSONALITY}, {}, metrics, deadline_s, "few_shot"
+    )
+
+
+REQUEST = FastResponseRequest(personality="cheerful", user_turn="Red!", request_id="r1")
+
+
+def _fallbacks(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "fastresp_fallbacks_total", {"personality": "cheerful", "reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_guard_rejection_is_sampled_again() -> None:
+    engine, metrics = ScriptedEngine(["  ...  ", "Ooh, red!"]), Metrics()
+    answer = await _service(engine, metrics).respond(REQUEST)
+    assert (answer.source, answer.fast_response) == ("model", "Ooh, red!")
+    assert engine.request_ids == ["r1", "r1-retry1"]
+    assert _fallbacks(metrics, "guard") == 0
+
+
+@pytest.mark.asyncio
+async def test_two_guard_rejections_give_a_counted_fallback() -> None:
+    engine, metrics = ScriptedEngine(["", "!!!"]), Metrics()
+    answer = await _service(engine, metrics).respond(REQUEST)
+    assert (answer.source, answer.fast_response) == ("fallback", "Hmm!")
+    assert _fallbacks(metrics, "guard") == 1
+
+
+@pytest.mark.asyncio
+async def test_an_engine_error_gives_a_counted_fallback() -> None:
+    engine, metrics = ScriptedEngine([EngineError("boom")]), Metrics()
+    answer = await _service(engine, metrics).respond(REQUEST)
+    assert answer.source == "fallback"
+    assert _fallbacks(metrics, "engine_error") == 1
+
+
+@pytest.mark.asyncio
+async def test_fallback_phrases_rotate() -> None:
+    engine, metrics = ScriptedEngine([EngineError("a"), EngineError("b")]), Metrics()
+    service = _service(engine, metrics)
+    phrases = [(await service.respond(REQUEST)).fast_response for _ in range(2)]
+    assert phrases == ["Hmm!", "Oh!"]
+
+
+@pytest.mark.asyncio
+async def test_a_retry_past_the_deadline_is_a_deadline_fallback() -> None:
+    engine, metrics = ScriptedEngine(["", "Ooh!"], delay_s=0.06), Metrics()
+    answer = await _service(engine, metrics, deadline_s=0.1).respond(REQUEST)
+    assert answer.source == "fallback"
+    assert _fallbacks(metrics, "deadline") == 1
