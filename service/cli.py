@@ -46,14 +46,14 @@ def serve(
     model: Annotated[
         Path | None, typer.Option(help="Model directory. Default: the prepared gemma-3-270m.")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Bind port [default: 8000].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Bind port (default: 8000).")] = None,
     deadline_ms: Annotated[
         int | None,
-        typer.Option(help="Per-request deadline in ms [default: 100 on a GPU, 2000 on the CPU]."),
+        typer.Option(help="Per-request deadline in ms (default: 100 on a GPU, 3000 on the CPU)."),
     ] = None,
     personalities_file: Annotated[
-        Path | None, typer.Option(help="Personalities YAML [default: adapters/personalities.yaml].")
+        Path | None, typer.Option(help="Personalities YAML (default: adapters/personalities.yaml).")
     ] = None,
 ) -> None:
     """Start the gateway with the in-process vLLM engine.
@@ -73,6 +73,14 @@ def serve(
         deadline_ms=deadline_ms,
         personalities_file=personalities_file,
     )
+    from service.personalities import ManifestError, load_personalities
+
+    try:  # refuse a bad manifest or a missing adapter before the engine loads
+        for name, personality in load_personalities(settings.personalities_file).items():
+            if personality.adapter and not (personality.adapter / "adapter_config.json").is_file():
+                _fail(f"personality {name!r}: {personality.adapter} has no adapter_config.json")
+    except ManifestError as exc:
+        _fail(str(exc))
     model_dir = settings.resolved_model()
     if settings.model is None:
         from service.model_prep import is_prepared
@@ -94,7 +102,7 @@ def serve(
 def model_prepare(
     cache_dir: Annotated[
         Path | None,
-        typer.Option(help="Model cache [default: $FASTRESP_CACHE_DIR or ~/.cache/pika-fastresp]."),
+        typer.Option(help="Model cache (default: $FASTRESP_CACHE_DIR or ~/.cache/pika-fastresp)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if already prepared.")] = False,
 ) -> None:
@@ -145,7 +153,7 @@ def replay(
         list[str] | None,
         typer.Option(
             help="Personality to ask for; repeat it to use several round robin. "
-            "[default: every one from GET /personalities]"
+            "(default: every one from GET /personalities)"
         ),
     ] = None,
     limit: Annotated[

@@ -124,7 +124,7 @@ class FastResponseService:
             return self._personalities[name]
         except KeyError:
             raise UnknownPersonality(
-                f"unknown personality {name!r}; known: {', '.join(self._personalities)}",
+                f"unknown personality; known: {', '.join(self._personalities)}",
                 loc=("body", "personality"),
             ) from None
 
@@ -212,7 +212,9 @@ class FastResponseService:
         try:
             async with asyncio.timeout(self.deadline_s):
                 for attempt in range(GENERATION_ATTEMPTS):
-                    engine_id = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
+                    # A fresh id per attempt: request_id comes from the client and may
+                    # repeat, and vLLM aborts every request filed under an id.
+                    engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
                     result = await self._engine.generate(engine_id, generation)
                     guarded = clean_fast_response(
                         result.text,

@@ -58,6 +58,9 @@ def clean_fast_response(raw: str, max_words: int, truncated: bool = False) -> Gu
         TRUNCATED (only a cut-off half-sentence), TOO_LONG (the first sentence
         alone is over `max_words`).
     """
+    # Nothing unspeakable reaches text-to-speech: control and format characters and
+    # U+FFFD (a broken byte sequence) are removed first.
+    raw = "".join(ch for ch in raw if ch in "\n\t" or (ch.isprintable() and ch != "\ufffd"))
     line = next((ln for ln in raw.splitlines() if ln.strip()), "")
     previous = None
     while previous != line:  # prefixes and quotes can nest: '"Pika: "Wow!""'

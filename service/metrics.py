@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Latency buckets in seconds, dense between 10 and 250 ms around the 100 ms P95
-#: goal, with a tail for the CPU model's ~0.5 s answers and the 2 s CPU deadline.
+#: goal, with a tail for the CPU model's 1-3 s answers and the 3 s CPU deadline.
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1,
     0.11, 0.125, 0.15, 0.175, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -25,7 +25,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.request_duration = Histogram(
             "fastresp_request_duration_seconds",
-            "Time from request admission to response in the gateway, in seconds.",
+            "Time from the start of handling (body parsed) to the response, in seconds.",
             ["personality", "source"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -75,9 +75,11 @@ def load_personalities(path: Path) -> dict[str, Personality]:
         try:
             personality = Personality.model_validate({"name": name, **body})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise ManifestError(f"{path}: personalities.{name}.{loc}: {first['msg']}") from exc
+            problems = "; ".join(
+                f"personalities.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ManifestError(f"{path}: {problems}") from exc
         if personality.adapter is not None and not personality.adapter.is_absolute():
             personality = personality.model_copy(
                 update={"adapter": (path.parent / personality.adapter).resolve()}

@@ -67,10 +67,16 @@ async def personalities(service: ServiceDep) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-@router.get("/healthz", response_model=Health)
-async def healthz() -> Health:
-    """Liveness: the process answers HTTP."""
-    return Health(status="ok")
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+async def healthz(engine: EngineDep) -> Response:
+    """Liveness: the process answers and its engine is not dead. A dead vLLM engine
+    core never recovers, so this fails and the orchestrator restarts the process."""
+    try:
+        await engine.check_health()
+    except EngineUnavailable as exc:
+        health = Health(status="unavailable", checks={"engine": exc.message})
+        return JSONResponse(status_code=503, content=health.model_dump())
+    return JSONResponse(status_code=200, content=Health(status="ok").model_dump())
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})

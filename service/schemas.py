@@ -20,7 +20,8 @@ Source = Literal["model", "cache", "fallback"]
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    """Refuse text with no visible character (spaces, zero-width and control characters)."""
+    if not any(ch.isprintable() and not ch.isspace() for ch in value):
         raise ValueError("must not be empty or whitespace-only")
     return value
 

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     """Fraction of GPU memory vLLM may use (weights + KV cache). GPU only."""
 
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0)
-    """KV-cache size in GiB on the CPU (sets `VLLM_CPU_KVCACHE_SPACE` unless already set).
+    """KV-cache size in GiB on the CPU (vLLM `kv_cache_memory_bytes`).
     All vLLM processes share NUMA node 0, so keep this small when several engines run."""
 
     enforce_eager: bool = False

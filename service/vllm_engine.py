@@ -137,6 +137,8 @@ class VLLMEngine:
         if final is None or not final.outputs:
             raise EngineError("vLLM returned no output")
         completion = final.outputs[0]
+        if completion.finish_reason == "abort":
+            raise EngineError("vLLM aborted the request")
         return GenerationResult(
             text=completion.text,
             output_tokens=len(completion.token_ids),
@@ -178,8 +180,5 @@ class VLLMEngine:
         return int(self._llm.get_num_unfinished_requests())
 
     async def close(self) -> None:
-        """Shut the engine core down. The engine cannot be used afterwards."""
+        """Shut the engine core down; later calls fail with EngineUnavailable."""
         self._llm.shutdown()
-        # Drop the reference now: AsyncLLM.__del__ calls shutdown() again, which fails
-        # noisily when it only runs at interpreter exit.
-        del self._llm

@@ -62,7 +62,8 @@ async def test_unknown_personality_is_404(engine: Engine, tiny_model_dir: Path) 
     detail = response.json()["detail"][0]
     assert detail["loc"] == ["body", "personality"]
     assert detail["type"] == "unknown_personality"
-    assert "grumpy" in detail["msg"]
+    assert "grumpy" not in detail["msg"], "the input must not be echoed back"
+    assert "cheerful" in detail["msg"]
 
 
 BAD_FIELDS = [
@@ -74,6 +75,8 @@ BAD_FIELDS = [
     ({"pika_turn": "a" * (MAX_PIKA_TURN_CHARS + 1)}, "pika_turn"),
     ({"main_response": " "}, "main_response"),
     ({"main_response": "a" * (MAX_MAIN_RESPONSE_CHARS + 1)}, "main_response"),
+    ({"user_turn": "\u200b\u200b"}, "user_turn"),
+    ({"user_turn": "\x00"}, "user_turn"),
     ({"user_turn": 42}, "user_turn"),
     ({"user_turn": ["hi"]}, "user_turn"),
     ({"personality": None}, "personality"),

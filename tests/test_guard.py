@@ -24,6 +24,8 @@ from service.guard import GuardRejection, clean_fast_response
         # whole sentences up to the word limit (12)
         ("Wow! I love it. Pho is a noodle soup from Vietnam with herbs.", "Wow! I love it."),
         ("  Ooh,   red!  ", "Ooh, red!"),
+        # control characters and U+FFFD never reach text-to-speech
+        ("Wow\x18, red\ufffd!\u200b", "Wow, red!"),
     ],
 )
 def test_cleans_to_one_short_utterance(raw: str, expected: str) -> None:
@@ -36,6 +38,7 @@ def test_cleans_to_one_short_utterance(raw: str, expected: str) -> None:
         ("", False, GuardRejection.EMPTY),
         ("  ...  ", False, GuardRejection.EMPTY),
         ('Pika: ""', False, GuardRejection.EMPTY),
+        ("\ufffd\ufffd\x00", False, GuardRejection.EMPTY),
         ("Pho is a noodle soup that people in", True, GuardRejection.TRUNCATED),
         (
             "One two three four five six seven eight nine ten eleven twelve thirteen.",
