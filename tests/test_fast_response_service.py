@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
 
+import httpx
 import pytest
 
-from service.engine import AdapterRef, GenerationRequest, GenerationResult
-from service.errors import EngineError
+from service.app import create_app
+from service.engine import AdapterRef, Engine, GenerationRequest, GenerationResult
+from service.errors import EngineError, EngineUnavailable
 from service.fast_response import FastResponseService
 from service.metrics import Metrics
 from service.personalities import Personality
 from service.prompts import ChatTokenizer
 from service.schemas import FastResponseRequest
+from service.settings import Settings
+from tests.conftest import TEST_DATA
 
 PERSONALITY = Personality(
     name="cheerful", description="d", style="s", max_words=12, fallback_phrases=("Hmm!", "Oh!")
@@ -111,3 +117,23 @@ async def test_a_retry_past_the_deadline_is_a_deadline_fallback() -> None:
     answer = await _service(engine, metrics, deadline_s=0.1).respond(REQUEST)
     assert answer.source == "fallback"
     assert _fallbacks(metrics, "deadline") == 1
+
+
+class DeadEngine(ScriptedEngine):
+    """An engine whose core has died: every health check fails."""
+
+    async def check_health(self) -> None:
+        raise EngineUnavailable("vLLM engine is dead")
+
+
+@pytest.mark.asyncio
+async def test_healthz_and_readyz_fail_when_the_engine_is_dead(tmp_path: Path) -> None:
+    settings = Settings(personalities_file=TEST_DATA / "personalities.yaml", warm_up=False)
+    app = create_app(settings, engine=cast(Engine, DeadEngine([])))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            health = await client.get("/healthz")
+            ready = await client.get("/readyz")
+    assert health.status_code == ready.status_code == 503
+    assert health.json()["checks"]["engine"] == "vLLM engine is dead"
