@@ -50,7 +50,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Bind port (default: 8000).")] = None,
     deadline_ms: Annotated[
         int | None,
-        typer.Option(help="Per-request deadline in ms (default: 100 on a GPU, 3000 on the CPU)."),
+        typer.Option(help="Per-request deadline in ms (default: 100 on a GPU, 5000 on the CPU)."),
     ] = None,
     personalities_file: Annotated[
         Path | None, typer.Option(help="Personalities YAML (default: adapters/personalities.yaml).")

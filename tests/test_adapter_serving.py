@@ -77,7 +77,8 @@ class RecordingEngine:
 async def test_adapter_personality_is_served_through_its_lora(
     engine: Engine, tiny_model_dir: Path, adapter_manifest: Path
 ) -> None:
-    settings = engine_settings(tiny_model_dir, personalities_file=adapter_manifest)
+    # No warm-up, so the recorded requests are only those of the two posts below.
+    settings = engine_settings(tiny_model_dir, personalities_file=adapter_manifest, warm_up=False)
     recording = RecordingEngine(engine)
     turn = {"pika_turn": "What did you eat?", "user_turn": "I ate pho with my dad"}
     async with serve(settings, cast(Engine, recording)) as client:
@@ -89,7 +90,8 @@ async def test_adapter_personality_is_served_through_its_lora(
     assert base.json()["adapter_version"] is None
     assert {p["name"]: p["adapter_version"] for p in listed} == {"tuned": "v7", "base": None}
 
-    tuned_request, base_request = recording.requests
+    # The guard may resample the tiny model's noise, so take the first and last request.
+    tuned_request, base_request = recording.requests[0], recording.requests[-1]
     assert tuned_request.adapter is not None
     assert tuned_request.adapter.path == adapter_manifest.parent / "cheerful-v7"
     assert base_request.adapter is None

@@ -16,7 +16,7 @@ def test_shipped_manifest_has_two_complete_personalities() -> None:
     for personality in personalities.values():
         assert personality.fallback_phrases
         assert personality.few_shot, "base-model serving needs few-shot examples"
-        assert "\n" in personality.sampling.stop
+        assert "\n\n" in personality.sampling.stop, "a base model ends a reaction with a blank line"
 
 
 def test_relative_adapter_path_is_resolved_against_the_manifest(tmp_path: Path) -> None:
