@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,11 @@ from service.guard import clean_fast_response
 from service.model_prep import is_prepared
 from service.personalities import load_personalities
 from service.settings import Settings, default_personalities_file
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.realmodel
 
 START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _fastresp() -> str:
@@ -48,7 +41,7 @@ def gemma_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`fastresp serve` on the prepared gemma-3-270m; yields its base URL."""
     model_dir = Settings().default_model_dir()
     assert is_prepared(model_dir), f"run `fastresp model prepare` first ({model_dir})"
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("gemma") / "serve.log"
     # A generous deadline: this checks that the real model answers, not how fast (the
     # deadline path is tested on the tiny model; speed is measured by the replay).

@@ -40,6 +40,7 @@ from service.replay import (
     summarize,
     write_jsonl,
 )
+from tests.conftest import free_port
 
 # --- helpers ----------------------------------------------------------------------------
 
@@ -87,13 +88,6 @@ def _row(
         error=error,
         error_kind=error_kind,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- percentiles and summary ------------------------------------------------------------
@@ -393,7 +387,7 @@ def test_replay_timeout_is_an_error_row(gateway: FakeGateway) -> None:
 
 
 def test_replay_connection_refused_gives_error_rows() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     rows = asyncio.run(replay([_triple(i) for i in range(3)], url, ["calm"]))
     assert len(rows) == 3
     assert all(row.status is None and row.error_kind == "ConnectError" for row in rows)
@@ -487,7 +481,7 @@ def test_cli_default_path_is_relative_to_the_current_directory(
 
 
 def test_cli_connection_refused_exits_1(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     source = _write_triples(tmp_path / "in.jsonl", ["red", "blue"])
     base = ["replay", "--source", "jsonl", "--path", str(source), "--url", url]
     result = CliRunner().invoke(cli_app, [*base, "--personality", "calm"])
