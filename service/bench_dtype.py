@@ -33,7 +33,6 @@ def measure(model: Path, dtype: Dtype, repeats: int) -> dict[str, float]:
         max_model_len=1024,
         kv_cache_memory_bytes=1 << 30,
         enable_prefix_caching=False,
-        block_size=32,
     )
     decode = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prefill = SamplingParams(max_tokens=1, temperature=0.0)
