@@ -33,6 +33,7 @@ def measure(model: Path, dtype: Dtype, repeats: int) -> dict[str, float]:
         max_model_len=1024,
         kv_cache_memory_bytes=1 << 30,
         enable_prefix_caching=False,
+        enforce_eager=True,  # no torch.compile: as the service runs on the CPU (mode NONE)
     )
     decode = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prefill = SamplingParams(max_tokens=1, temperature=0.0)
