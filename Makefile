@@ -23,7 +23,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEV_STAMP := $(VENV)/.installed-dev-$(subst $(comma),-,$(EXTRAS))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-dev model serve test lint
+.PHONY: install install-dev _repair model serve test lint
 
 install: $(STAMP)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import os
 import platform
 import time
 from pathlib import Path
@@ -64,7 +65,8 @@ def main() -> None:
         "## vLLM CPU dtype: bfloat16 against float32",
         "",
         f"Command: `python -m service.bench_dtype --repeats {args.repeats}` on "
-        f"{args.model.name}; machine: {platform.machine()}, {platform.node()}; "
+        f"{args.model.name}; machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.node()}; "
         f"date: {dt.date.today().isoformat()}. Mean of {args.repeats} runs per cell.",
         "",
         "| dtype | ~360-token prefill, ms | 16 decoded tokens, ms |",
