@@ -28,6 +28,10 @@ from service.schemas import FastResponseRequest, FastResponseResponse
 logger = logging.getLogger(__name__)
 
 
+#: Longest one warm-up generation may take before startup fails (the first gemma-3-270m
+#: generation on two busy cores took 10.9 s).
+WARM_UP_TIMEOUT_S = 300.0
+
 #: Generations per request: a guard rejection is sampled again once, within the deadline.
 GENERATION_ATTEMPTS = 2
 
@@ -143,6 +147,10 @@ class FastResponseService:
 
         Returns:
             the time it took, in seconds.
+
+        Raises:
+            EngineUnavailable: a warm-up generation took over WARM_UP_TIMEOUT_S, so
+                startup fails with that reason instead of hanging.
         """
         started = time.perf_counter()
         for personality in self._personalities.values():
@@ -155,7 +163,14 @@ class FastResponseService:
                 stop=(),
                 adapter=active.ref if active else None,
             )
-            await self._engine.generate(f"warmup-{personality.name}-{uuid.uuid4().hex}", warm)
+            try:
+                async with asyncio.timeout(WARM_UP_TIMEOUT_S):
+                    warm_id = f"warmup-{personality.name}-{uuid.uuid4().hex}"
+                    await self._engine.generate(warm_id, warm)
+            except TimeoutError:
+                raise EngineUnavailable(
+                    f"warm-up of {personality.name!r} took over {WARM_UP_TIMEOUT_S:.0f} s"
+                ) from None
         return time.perf_counter() - started
 
     async def respond(self, request: FastResponseRequest) -> FastResponseResponse:
