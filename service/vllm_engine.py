@@ -126,9 +126,8 @@ class VLLMEngine:
                     ttft = time.perf_counter() - started
                 final = output
         except asyncio.CancelledError:
-            # AsyncLLM.generate aborts on cancellation too; this makes it explicit and
-            # covers a cancel that lands between outputs.
-            await self._llm.abort(request_id)
+            # Every await in the loop is inside AsyncLLM.generate, which aborts the
+            # request in the engine core on cancellation before re-raising.
             raise
         except Exception as exc:
             if self._llm.errored:
