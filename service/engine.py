@@ -17,7 +17,7 @@ from service.prompts import ChatTokenizer
 class AdapterRef:
     """A LoRA adapter as the engine knows it.
 
-    `lora_int_id` is unique per load: a reload gets a new id, so vLLM never reuses
+    `name` and `lora_int_id` are unique per load: a reload gets a new id, so vLLM never reuses
     KV or prefix-cache entries computed with older weights.
     """
 
@@ -37,6 +37,9 @@ class GenerationRequest:
     stop: tuple[str, ...]
     adapter: AdapterRef | None = None
     seed: int | None = None
+    routing_key: str | None = None
+    """Requests with the same key go to the same replica (the personality name), so
+    its adapter and prompt prefix stay warm there; ignored by the in-process engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +89,11 @@ class Engine(Protocol):
         ...
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
-        """Unload a LoRA adapter."""
+        """Unload a LoRA adapter (a no-op if it is not loaded)."""
+        ...
+
+    async def loaded_adapters(self) -> set[str]:
+        """Names (`AdapterRef.name`) of the LoRA adapters the engine holds now."""
         ...
 
     def num_unfinished_requests(self) -> int:

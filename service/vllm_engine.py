@@ -72,6 +72,7 @@ class VLLMEngine:
     def __init__(self, llm: AsyncLLM, device: str) -> None:
         self._llm = llm
         self._device = device
+        self._names: dict[int, str] = {}  # lora_int_id -> AdapterRef.name, of added adapters
 
     @classmethod
     async def start(cls, settings: Settings) -> VLLMEngine:
@@ -169,10 +170,17 @@ class VLLMEngine:
             raise EngineError(f"vLLM refused adapter {adapter.path}: {exc}") from exc
         if not loaded:
             raise EngineError(f"vLLM did not load adapter {adapter.path}")
+        self._names[adapter.lora_int_id] = adapter.name
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         """Unload a LoRA adapter from vLLM (a no-op if it is not loaded)."""
         await self._llm.remove_lora(adapter.lora_int_id)
+        self._names.pop(adapter.lora_int_id, None)
+
+    async def loaded_adapters(self) -> set[str]:
+        """Names of the adapters vLLM holds (its CPU-side LRU may have evicted some)."""
+        ids = await self._llm.list_loras()
+        return {self._names.get(lora_id, str(lora_id)) for lora_id in ids}
 
     def num_unfinished_requests(self) -> int:
         """Requests vLLM is still running or queueing."""
