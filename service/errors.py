@@ -64,6 +64,13 @@ class BodyTooLarge(FastResponseError):
     error_type = "body_too_large"
 
 
+class RegistryUnavailable(FastResponseError):
+    """The shared adapter registry (Redis) cannot be reached or is closed (503)."""
+
+    status_code = 503
+    error_type = "registry_unavailable"
+
+
 def _json_error(status: int, loc: list[str | int], msg: str, error_type: str) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"detail": [{"loc": loc, "msg": msg, "type": error_type}]}
