@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Redis URL (e.g. `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
 
+    redis_key_prefix: str = Field(default="fastresp", min_length=1, pattern=r"^\S+$")
+    """Prefix of every Redis key and channel this service uses (e.g. `fastresp:adapters`),
+    so several deployments can share one Redis. No whitespace."""
+
     admin_token: SecretStr | None = None
     """Bearer token for `/admin/*` routes. None: admin routes are disabled."""
 
