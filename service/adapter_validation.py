@@ -1,0 +1,294 @@
+"""Checks a LoRA adapter folder before it may serve a personality.
+
+An adapter is refused, with an `AdapterRejected` (422) naming the failed check, when:
+- the path is not an absolute, existing folder (`adapter_not_found`);
+- it has no readable `adapter_config.json` (`adapter_config_missing`, `adapter_config_invalid`);
+- it has no `adapter_model.safetensors` (`adapter_weights_missing`; pickled `.bin`
+  weights are refused, re-save with PEFT `save_pretrained(safe_serialization=True)`);
+- its rank is over the engine's `max_lora_rank` (`rank_over_limit`);
+- its `base_model_name_or_path` is not the served base model (`base_model_mismatch`),
+  unless the caller allows it;
+- neither its `target_modules` nor its LoRA tensors touch one of the base model's
+  linear layers, or every `lora_B` is zero, so it would change nothing (`no_target_modules`,
+  `adapter_changes_nothing`);
+- its weights cannot be read (`weights_corrupt`) or hold NaN/inf (`weights_not_finite`).
+
+Validation only reads files; it is synchronous and may take a second for a large
+adapter, so async callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.errors import FastResponseError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CARD = "fastresp_card.json"
+#: Base-model files `fastresp model prepare` writes; its `model` field names the model.
+MODEL_MARKER = "fastresp_model.json"
+_LORA_TENSOR = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
+#: 2-D weights that are not linear layers a LoRA can target in vLLM.
+_NOT_LINEAR = frozenset({"embed_tokens", "wte", "word_embeddings"})
+
+
+class AdapterRejected(FastResponseError):
+    """The adapter failed a check (422); `error_type` names the check, `loc` the field."""
+
+    status_code = 422
+
+    def __init__(self, check: str, message: str, loc: tuple[str | int, ...] = ("body", "path")):
+        super().__init__(message, loc)
+        self.error_type = check
+
+
+@dataclass(frozen=True, slots=True)
+class BaseModelInfo:
+    """What validation needs to know about the served base model.
+
+    `names`: lower-case identities an adapter's `base_model_name_or_path` may use (the
+    folder's path and name, the prepared model's name); `linear_modules`: full module
+    names of its linear layers, e.g. `model.layers.0.self_attn.q_proj`.
+    """
+
+    display_name: str
+    names: frozenset[str]
+    linear_modules: frozenset[str]
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> BaseModelInfo:
+        """Read the model's safetensors headers (not its weights) and marker.
+
+        Raises:
+            FileNotFoundError: the folder has no `*.safetensors` file.
+        """
+        from safetensors import safe_open
+
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+        linear: set[str] = set()
+        for file in files:
+            with safe_open(str(file), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    if not key.endswith(".weight"):
+                        continue
+                    module = key.removesuffix(".weight")
+                    if module.rsplit(".", 1)[-1] in _NOT_LINEAR:
+                        continue
+                    if len(weights.get_slice(key).get_shape()) == 2:
+                        linear.add(module)
+        names = {str(model_dir), str(model_dir.resolve()), model_dir.name}
+        marker = model_dir / MODEL_MARKER
+        if marker.is_file():
+            prepared = json.loads(marker.read_text(encoding="utf-8")).get("model")
+            if isinstance(prepared, str):
+                names.add(prepared)
+        return cls(
+            display_name=model_dir.name,
+            names=frozenset(name.lower() for name in names),
+            linear_modules=frozenset(linear),
+        )
+
+    def matches(self, base_model_name_or_path: str) -> bool:
+        """True if the adapter's base model names this model: the same path, or the
+        same last path component (`google/gemma-3-270m` matches a `gemma-3-270m` folder)."""
+        value = base_model_name_or_path.strip().rstrip("/").lower()
+        return bool(value) and (value in self.names or value.rsplit("/", 1)[-1] in self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedAdapter:
+    """An adapter that passed every check. `rank` is the largest LoRA rank in it."""
+
+    path: Path
+    version: str
+    base_model: str
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+def adapter_version(path: Path) -> str:
+    """An adapter's version: `version` from its `fastresp_card.json`, else the folder name."""
+    card = path / ADAPTER_CARD
+    if card.is_file():
+        try:
+            version = json.loads(card.read_text(encoding="utf-8")).get("version")
+        except (OSError, ValueError, AttributeError):
+            version = None
+        if isinstance(version, str) and version:
+            return version
+    return path.name
+
+
+def validate_adapter(
+    path: Path,
+    base: BaseModelInfo,
+    max_lora_rank: int,
+    *,
+    version: str | None = None,
+    allow_base_model_mismatch: bool = False,
+) -> ValidatedAdapter:
+    """Run every check on the adapter folder at `path` (see the module docstring).
+
+    Args:
+        path: absolute path of a PEFT LoRA adapter folder.
+        base: the served base model.
+        max_lora_rank: the engine's `max_lora_rank`.
+        version: the version to report; None: `adapter_version(path)`.
+        allow_base_model_mismatch: skip the base-model check.
+
+    Raises:
+        AdapterRejected: a check failed; `error_type` names it.
+    """
+    if not path.is_absolute():
+        raise AdapterRejected("adapter_not_found", f"adapter path must be absolute: {path}")
+    if not path.is_dir():
+        raise AdapterRejected("adapter_not_found", f"adapter path is not a folder: {path}")
+    config = _read_config(path)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise AdapterRejected(
+            "adapter_weights_missing",
+            f"{path} has no {ADAPTER_WEIGHTS}"
+            + (
+                " (pickled adapter_model.bin is not accepted)"
+                if (path / "adapter_model.bin").exists()
+                else ""
+            ),
+        )
+    base_model = str(config.get("base_model_name_or_path") or "")
+    if not allow_base_model_mismatch and not base.matches(base_model):
+        raise AdapterRejected(
+            "base_model_mismatch",
+            f"adapter was trained on base model {base_model or '(not recorded)'!r}, "
+            f"this engine serves {base.display_name!r}",
+        )
+    target_modules = _target_modules(config)
+    if not _targets_any(config.get("target_modules"), base.linear_modules):
+        raise AdapterRejected(
+            "no_target_modules",
+            f"target_modules {list(target_modules)} match none of the base model's linear layers",
+        )
+    tensor_ranks, changes_something = _check_weights(path, base.linear_modules)
+    rank = max([_config_rank(config), *tensor_ranks])
+    if rank > max_lora_rank:
+        raise AdapterRejected(
+            "rank_over_limit",
+            f"adapter rank {rank} is over the engine's max_lora_rank {max_lora_rank}",
+        )
+    if not changes_something:
+        raise AdapterRejected(
+            "adapter_changes_nothing", "every lora_B tensor is zero: the adapter changes nothing"
+        )
+    return ValidatedAdapter(
+        path=path,
+        version=version or adapter_version(path),
+        base_model=base_model,
+        rank=rank,
+        target_modules=target_modules,
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / ADAPTER_CONFIG
+    if not file.is_file():
+        raise AdapterRejected("adapter_config_missing", f"{path} has no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterRejected("adapter_config_invalid", f"{file} is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterRejected("adapter_config_invalid", f"{file} is not a JSON object")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterRejected(
+            "adapter_config_invalid", f"{file}: peft_type {config.get('peft_type')!r} is not LORA"
+        )
+    return config
+
+
+def _config_rank(config: dict[str, Any]) -> int:
+    ranks = [config.get("r", 8)]
+    pattern = config.get("rank_pattern")
+    if isinstance(pattern, dict):
+        ranks.extend(pattern.values())
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise AdapterRejected(
+            "adapter_config_invalid", f"adapter rank is not a positive integer: {ranks}"
+        )
+    return max(int(r) for r in ranks)
+
+
+def _target_modules(config: dict[str, Any]) -> tuple[str, ...]:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return (targets,)
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return tuple(targets)
+    raise AdapterRejected(
+        "adapter_config_invalid",
+        f"target_modules must be a string or a list of strings: {targets!r}",
+    )
+
+
+def _targets_any(targets: object, modules: Iterable[str]) -> bool:
+    """PEFT's matching rule: a string is a regex full match (or `all-linear`); a list
+    entry matches a module name exactly or as its last dotted components."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            return False
+        return any(pattern.fullmatch(module) for module in modules)
+    assert isinstance(targets, list)
+    return any(
+        module == target or module.endswith("." + target)
+        for module in modules
+        for target in targets
+    )
+
+
+def _check_weights(path: Path, linear_modules: frozenset[str]) -> tuple[list[int], bool]:
+    """(the LoRA rank of each lora_A tensor, whether any lora_B is non-zero).
+
+    Raises AdapterRejected for unreadable or non-finite weights, or LoRA tensors that
+    target no linear layer of the base model.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterRejected("weights_corrupt", f"cannot read {file}: {exc}") from None
+    ranks: list[int] = []
+    matched = False
+    nonzero_b = False
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterRejected("weights_not_finite", f"{file}: tensor {key} holds NaN or inf")
+        lora = _LORA_TENSOR.match(key)
+        if lora is None:
+            continue
+        matched = matched or lora["module"] in linear_modules
+        if lora["ab"] == "A" and tensor.dim() == 2:
+            ranks.append(int(tensor.shape[0]))
+        elif lora["ab"] == "B" and bool(tensor.any()):
+            nonzero_b = True
+    if not matched:
+        raise AdapterRejected(
+            "no_target_modules",
+            f"{file}: no LoRA tensor targets a linear layer of the base model",
+        )
+    return ranks, nonzero_b
