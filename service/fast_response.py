@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from enum import StrEnum
-from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from service.engine import AdapterRef, Engine, GenerationRequest, GenerationResult
+from service.engine import Engine, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable, UnknownPersonality
 from service.guard import clean_fast_response
 from service.metrics import Metrics
 from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
 from service.schemas import FastResponseRequest, FastResponseResponse
+
+if TYPE_CHECKING:
+    from service.adapter_registry import ActiveAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -44,46 +46,16 @@ class FallbackReason(StrEnum):
     GUARD = "guard"
 
 
-@dataclass(frozen=True, slots=True)
-class ActiveAdapter:
-    """The adapter serving a personality, and the version reported to clients."""
+class AdapterLookup(Protocol):
+    """Where the service finds each personality's adapter (`AdapterRegistry`)."""
 
-    ref: AdapterRef
-    version: str
+    def active(self, name: str) -> ActiveAdapter | None:
+        """The adapter serving `name` now; None for the base model."""
+        ...
 
-
-def adapter_version(path: Path) -> str:
-    """An adapter's version: `version` from its `fastresp_card.json`, else the folder name."""
-    card = path / "fastresp_card.json"
-    if card.is_file():
-        version = json.loads(card.read_text(encoding="utf-8")).get("version")
-        if isinstance(version, str) and version:
-            return version
-    return path.name
-
-
-async def load_configured_adapters(
-    engine: Engine, personalities: Mapping[str, Personality]
-) -> dict[str, ActiveAdapter]:
-    """Load the adapter of every personality that names one, with ids 1, 2, ...
-
-    Raises:
-        EngineError: an adapter failed to load; startup must fail with this reason.
-    """
-    active: dict[str, ActiveAdapter] = {}
-    ids = itertools.count(1)
-    for name, personality in personalities.items():
-        if personality.adapter is None:
-            continue
-        if not (personality.adapter / "adapter_config.json").is_file():
-            raise EngineError(
-                f"personality {name!r}: adapter {personality.adapter} has no adapter_config.json"
-            )
-        ref = AdapterRef(name=name, lora_int_id=next(ids), path=personality.adapter)
-        await engine.add_adapter(ref)
-        active[name] = ActiveAdapter(ref, adapter_version(personality.adapter))
-        logger.info("loaded adapter %s for %s", active[name].version, name)
-    return active
+    def lease(self, name: str) -> AbstractContextManager[ActiveAdapter | None]:
+        """Hold the adapter active now for one request (not unloaded until released)."""
+        ...
 
 
 class FastResponseService:
@@ -97,14 +69,14 @@ class FastResponseService:
         self,
         engine: Engine,
         personalities: Mapping[str, Personality],
-        adapters: Mapping[str, ActiveAdapter],
+        adapters: AdapterLookup,
         metrics: Metrics,
         deadline_s: float,
         base_prompt_mode: PromptMode,
     ) -> None:
         self._engine = engine
         self._personalities = dict(personalities)
-        self._adapters = dict(adapters)
+        self._adapters = adapters
         self._metrics = metrics
         self.deadline_s = deadline_s
         self._base_prompt_mode = base_prompt_mode
@@ -119,7 +91,7 @@ class FastResponseService:
 
     def adapter_version(self, name: str) -> str | None:
         """The version of the adapter serving `name`; None for the base model."""
-        active = self._adapters.get(name)
+        active = self._adapters.active(name)
         return active.version if active else None
 
     def personality(self, name: str) -> Personality:
@@ -132,9 +104,9 @@ class FastResponseService:
                 loc=("body", "personality"),
             ) from None
 
-    def prompt_for(self, personality: Personality, turn: Turn) -> str:
+    def prompt_for(self, personality: Personality, turn: Turn, adapter: bool) -> str:
         """Model input: chat template for an adapter, `base_prompt_mode` otherwise."""
-        mode: PromptMode = "chat" if personality.name in self._adapters else self._base_prompt_mode
+        mode: PromptMode = "chat" if adapter else self._base_prompt_mode
         tokenizer = self._engine.get_tokenizer() if mode == "chat" else None
         return build_prompt(personality, turn, mode, tokenizer)
 
@@ -154,19 +126,22 @@ class FastResponseService:
         """
         started = time.perf_counter()
         for personality in self._personalities.values():
-            active = self._adapters.get(personality.name)
-            warm = GenerationRequest(
-                prompt=self.prompt_for(personality, Turn(None, "Hello!")),
-                max_tokens=2,
-                temperature=0.0,
-                top_p=1.0,
-                stop=(),
-                adapter=active.ref if active else None,
-            )
             try:
                 async with asyncio.timeout(WARM_UP_TIMEOUT_S):
-                    warm_id = f"warmup-{personality.name}-{uuid.uuid4().hex}"
-                    await self._engine.generate(warm_id, warm)
+                    with self._adapters.lease(personality.name) as active:
+                        warm = GenerationRequest(
+                            prompt=self.prompt_for(
+                                personality, Turn(None, "Hello!"), active is not None
+                            ),
+                            max_tokens=2,
+                            temperature=0.0,
+                            top_p=1.0,
+                            stop=(),
+                            adapter=active.ref if active else None,
+                            routing_key=personality.name,
+                        )
+                        warm_id = f"warmup-{personality.name}-{uuid.uuid4().hex}"
+                        await self._engine.generate(warm_id, warm)
             except TimeoutError:
                 raise EngineUnavailable(
                     f"warm-up of {personality.name!r} took over {WARM_UP_TIMEOUT_S:.0f} s"
@@ -182,21 +157,23 @@ class FastResponseService:
         started = time.perf_counter()
         personality = self.personality(request.personality)
         request_id = request.request_id or uuid.uuid4().hex
-        active = self._adapters.get(personality.name)
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
-        generation = GenerationRequest(
-            prompt=self.prompt_for(personality, turn),
-            max_tokens=personality.sampling.max_tokens,
-            temperature=personality.sampling.temperature,
-            top_p=personality.sampling.top_p,
-            stop=personality.sampling.stop,
-            adapter=active.ref if active else None,
-        )
-        self._metrics.in_flight.inc()
-        try:
-            text, reason = await self._generate(personality, request_id, generation)
-        finally:
-            self._metrics.in_flight.dec()
+        # The adapter active at admission answers, even if a swap happens meanwhile.
+        with self._adapters.lease(personality.name) as active:
+            generation = GenerationRequest(
+                prompt=self.prompt_for(personality, turn, active is not None),
+                max_tokens=personality.sampling.max_tokens,
+                temperature=personality.sampling.temperature,
+                top_p=personality.sampling.top_p,
+                stop=personality.sampling.stop,
+                adapter=active.ref if active else None,
+                routing_key=personality.name,
+            )
+            self._metrics.in_flight.inc()
+            try:
+                text, reason = await self._generate(personality, request_id, generation)
+            finally:
+                self._metrics.in_flight.dec()
         source = "model"
         if text is None:
             source = "fallback"

@@ -54,3 +54,16 @@ class Metrics:
             "Fast-response requests being handled now.",
             registry=self.registry,
         )
+        self.adapter_swaps = Counter(
+            "fastresp_adapter_swaps_total",
+            "Adapter activations (admin API or another replica), by personality and outcome "
+            "(ok, or the error class: AdapterRejected, AdapterLoadFailed, RegistryUnavailable).",
+            ["personality", "outcome"],
+            registry=self.registry,
+        )
+        self.adapter_swap_duration = Histogram(
+            "fastresp_adapter_swap_duration_seconds",
+            "Time to validate, load, warm up and switch to a new adapter version, in seconds.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )

@@ -6,7 +6,8 @@ The fake honours the Engine protocol; the real engine is covered in test_api.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -59,11 +60,22 @@ class ScriptedEngine:
     async def close(self) -> None: ...
 
 
+class NoAdapters:
+    """Every personality on the base model (the AdapterLookup of FastResponseService)."""
+
+    def active(self, name: str) -> None:
+        return None
+
+    @contextmanager
+    def lease(self, name: str) -> Iterator[None]:
+        yield None
+
+
 def _service(
     engine: ScriptedEngine, metrics: Metrics, deadline_s: float = 1.0
 ) -> FastResponseService:
     return FastResponseService(
-        engine, {"cheerful": PERSONALITY}, {}, metrics, deadline_s, "few_shot"
+        engine, {"cheerful": PERSONALITY}, NoAdapters(), metrics, deadline_s, "few_shot"
     )
 
 

@@ -1,0 +1,306 @@
+"""Hot-swapping personalities' LoRA adapters through the admin API, on a real engine.
+
+The oracle is the signature adapters (tests/signature_adapters.py): each one makes
+the tiny model say its own string ("alpha alpha", ...) for any input, so a
+response's text proves which adapter version produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from service.adapter_registry import AdapterRegistry
+from service.engine import Engine
+from tests.adapter_factory import BROKEN_KINDS, break_adapter
+from tests.conftest import engine_settings, serve
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: What each signature adapter says (the fixture `signature_adapters` trains them).
+SIGNATURES = {"alpha": "alpha alpha", "beta": "beta beta", "gamma": "gamma gamma"}
+TURN = {"pika_turn": "What did you eat today?", "user_turn": "I ate pho with my dad"}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three personalities on the base model, greedy, up to 12 tokens."""
+    path = tmp_path_factory.mktemp("manifest") / "personalities.yaml"
+    sampling = '{max_tokens: 12, temperature: 0.0, top_p: 1.0, stop: ["\\n"]}'
+    path.write_text(
+        "personalities:\n"
+        + "".join(
+            f"  {name}:\n    description: d\n    style: s\n    max_words: 12\n"
+            f"    sampling: {sampling}\n    fallback_phrases: [Hm.]\n"
+            for name in ("p1", "p2", "p3")
+        )
+    )
+    return path
+
+
+def settings_for(model: Path, manifest: Path, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "personalities_file": manifest,
+        "admin_token": TOKEN,
+        "warm_up": False,
+    }
+    values.update(overrides)
+    return engine_settings(model, **values)
+
+
+@pytest.fixture
+async def gateway(
+    engine: Engine, tiny_model_dir: Path, manifest: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(settings_for(tiny_model_dir, manifest), engine) as client:
+        yield client
+
+
+def registry_of(client: httpx.AsyncClient) -> AdapterRegistry:
+    """The AdapterRegistry of the app behind a `serve()` client."""
+    transport = client._transport
+    assert isinstance(transport, httpx.ASGITransport)
+    registry: AdapterRegistry = transport.app.state.registry  # type: ignore[attr-defined]
+    return registry
+
+
+async def put_adapter(
+    client: httpx.AsyncClient, name: str, path: Path, version: str | None = None
+) -> httpx.Response:
+    body: dict[str, Any] = {"path": str(path)}
+    if version is not None:
+        body["version"] = version
+    return await client.put(f"/admin/personalities/{name}/adapter", json=body, headers=AUTH)
+
+
+async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
+    response = await client.post("/fast-response", json={"personality": name, **TURN})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_admin_routes_need_the_token(gateway: httpx.AsyncClient) -> None:
+    assert (await gateway.get("/admin/adapters")).status_code == 401
+    wrong = await gateway.get("/admin/adapters", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 403
+    assert wrong.json()["detail"][0]["type"] == "forbidden"
+    assert TOKEN not in wrong.text
+    delete = await gateway.delete("/admin/personalities/p1/adapter")
+    assert delete.status_code == 401
+    assert (await gateway.get("/admin/adapters", headers=AUTH)).status_code == 200
+    assert (await gateway.get("/personalities")).status_code == 200  # public
+
+
+async def test_admin_api_is_off_without_a_token(
+    engine: Engine, tiny_model_dir: Path, manifest: Path
+) -> None:
+    settings = settings_for(tiny_model_dir, manifest, admin_token=None)
+    async with serve(settings, engine) as client:
+        response = await client.get("/admin/adapters", headers=AUTH)
+    assert response.status_code == 403
+    assert "FASTRESP_ADMIN_TOKEN" in response.json()["detail"][0]["msg"]
+
+
+async def test_put_and_delete_switch_between_adapter_and_base_model(
+    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path], engine: Engine
+) -> None:
+    base = await ask(gateway, "p1")
+    assert base["adapter_version"] is None
+    assert base["fast_response"] != SIGNATURES["alpha"]
+
+    loaded = await put_adapter(gateway, "p1", signature_adapters["alpha"])
+    assert loaded.status_code == 200, loaded.text
+    active = loaded.json()["active"]
+    assert active["version"] == "alpha"  # from the adapter's fastresp_card.json
+    assert active["rank"] == 8
+    assert active["path"] == str(signature_adapters["alpha"])
+    answer = await ask(gateway, "p1")
+    assert (answer["adapter_version"], answer["fast_response"]) == ("alpha", "alpha alpha")
+    assert (await ask(gateway, "p2"))["adapter_version"] is None
+
+    listed = (await gateway.get("/admin/adapters", headers=AUTH)).json()
+    assert listed["personalities"]["p1"]["version"] == "alpha"
+    assert listed["personalities"]["p2"] is None
+    assert active["adapter_name"] in listed["engine"]["loaded_adapters"]
+    public = (await gateway.get("/personalities")).json()["personalities"]
+    assert {p["name"]: p["adapter_version"] for p in public}["p1"] == "alpha"
+
+    deleted = await gateway.delete("/admin/personalities/p1/adapter", headers=AUTH)
+    assert deleted.status_code == 200
+    assert deleted.json()["previous"]["version"] == "alpha"
+    after = await ask(gateway, "p1")
+    assert after["adapter_version"] is None
+    assert after["fast_response"] == base["fast_response"]  # greedy base model again
+    await registry_of(gateway).drain()
+    assert active["adapter_name"] not in await engine.loaded_adapters()
+
+
+async def test_unknown_personality_gets_404(
+    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
+) -> None:
+    response = await put_adapter(gateway, "nobody", signature_adapters["alpha"])
+    assert response.status_code == 404
+    assert response.json()["detail"][0]["type"] == "unknown_personality"
+
+
+async def test_bad_adapters_get_422_with_their_reason_and_the_old_version_keeps_serving(
+    gateway: httpx.AsyncClient,
+    signature_adapters: dict[str, Path],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    assert (await put_adapter(gateway, "p1", signature_adapters["alpha"])).status_code == 200
+    for kind, check in BROKEN_KINDS.items():
+        broken = break_adapter(tiny_model_dir, signature_adapters["beta"], kind, tmp_path / kind)
+        response = await put_adapter(gateway, "p1", broken)
+        assert response.status_code == 422, (kind, response.text)
+        detail = response.json()["detail"][0]
+        assert (detail["type"], detail["loc"]) == (check, ["body", "path"]), kind
+        answer = await ask(gateway, "p1")
+        assert (answer["adapter_version"], answer["fast_response"]) == ("alpha", "alpha alpha")
+
+
+@dataclass
+class Swap:
+    version: str
+    started: float
+    ended: float
+
+
+async def test_hot_swap_under_load_fails_nothing_and_serves_the_admitted_version(
+    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
+) -> None:
+    """8 clients for 20 s while p1 swaps 10 times between two signature adapters."""
+    clients, duration_s, swap_count = 8, 20.0, 10
+    signature_of = {"v0": SIGNATURES["alpha"]}
+    assert (await put_adapter(gateway, "p1", signature_adapters["alpha"], "v0")).status_code == 200
+    swaps = [Swap("v0", 0.0, 0.0)]
+    results: list[tuple[float, float, httpx.Response]] = []
+    stop_at = time.perf_counter() + duration_s
+
+    async def client_loop() -> None:
+        while time.perf_counter() < stop_at:
+            sent = time.perf_counter()
+            response = await gateway.post("/fast-response", json={"personality": "p1", **TURN})
+            results.append((sent, time.perf_counter(), response))
+
+    async def swapper() -> None:
+        for i in range(1, swap_count + 1):
+            await asyncio.sleep(duration_s / (swap_count + 1))
+            kind = "beta" if i % 2 else "alpha"
+            version = f"v{i}"
+            signature_of[version] = SIGNATURES[kind]
+            started = time.perf_counter()
+            response = await put_adapter(gateway, "p1", signature_adapters[kind], version)
+            assert response.status_code == 200, response.text
+            swaps.append(Swap(version, started, time.perf_counter()))
+
+    await asyncio.gather(swapper(), *(client_loop() for _ in range(clients)))
+
+    assert len(swaps) == swap_count + 1
+    failed = [r for _, _, r in results if r.status_code != 200 or r.json()["source"] != "model"]
+    assert not failed, [r.text for r in failed[:3]]
+    seen_versions = set()
+    for sent, received, response in results:
+        body = response.json()
+        version = body["adapter_version"]
+        seen_versions.add(version)
+        assert body["fast_response"] == signature_of[version], body
+        # Admitted between sent and received: the version active when it was sent, or
+        # one switched to while it ran.
+        before = [s.version for s in swaps if s.ended <= sent][-1]
+        during = {s.version for s in swaps if s.started <= received and s.ended >= sent}
+        assert version in {before} | during, (version, before, during)
+    print(f"\nhot swap: {len(results)} requests, {len(seen_versions)} versions served, 0 failed")
+    assert len(seen_versions) >= swap_count  # traffic really spanned the swaps
+
+
+async def test_no_cross_talk_between_three_personalities(
+    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
+) -> None:
+    names = {"p1": "alpha", "p2": "beta", "p3": "gamma"}
+    for name, kind in names.items():
+        assert (await put_adapter(gateway, name, signature_adapters[kind])).status_code == 200
+    order = list(itertools.islice(itertools.cycle(names), 300))
+    limit = asyncio.Semaphore(32)
+
+    async def one(name: str) -> tuple[str, dict[str, Any]]:
+        async with limit:
+            return name, await ask(gateway, name)
+
+    answers = await asyncio.gather(*(one(name) for name in order))
+    wrong = [
+        (name, body["fast_response"])
+        for name, body in answers
+        if body["fast_response"] != SIGNATURES[names[name]] or body["source"] != "model"
+    ]
+    assert not wrong, wrong[:5]
+    assert len(answers) == 300
+
+
+async def test_twenty_concurrent_loads_of_one_name_leave_one_version(
+    gateway: httpx.AsyncClient,
+    signature_adapters: dict[str, Path],
+    engine: Engine,
+) -> None:
+    kinds = ["alpha", "beta"]
+    responses = await asyncio.gather(
+        *(put_adapter(gateway, "p2", signature_adapters[kinds[i % 2]], f"c{i}") for i in range(20))
+    )
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    listed = (await gateway.get("/admin/adapters", headers=AUTH)).json()
+    active = listed["personalities"]["p2"]
+    revisions = [r.json()["active"]["revision"] for r in responses]
+    # The last load to get the lock wins: it holds the highest revision.
+    assert active["revision"] == max(revisions)
+    answer = await ask(gateway, "p2")
+    version = active["version"]
+    assert answer["adapter_version"] == version
+    assert answer["fast_response"] == SIGNATURES[kinds[int(version[1:]) % 2]]
+    registry = registry_of(gateway)
+    await registry.drain()
+    loaded = await engine.loaded_adapters()
+    expected = {a.ref.name for a in registry.snapshot().values() if a is not None}
+    assert loaded == expected, (loaded, expected)
+
+
+def _rss_bytes() -> int:
+    """RSS of this process and its children (vLLM's engine core) in bytes."""
+    me = psutil.Process(os.getpid())
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+
+async def test_memory_over_50_load_unload_cycles(
+    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
+) -> None:
+    # One cycle first, so one-off allocations (the LoRA slots) are in the baseline.
+    assert (await put_adapter(gateway, "p3", signature_adapters["gamma"])).status_code == 200
+    assert (await gateway.delete("/admin/personalities/p3/adapter", headers=AUTH)).is_success
+    before = _rss_bytes()
+    for i in range(50):
+        kind = ("alpha", "beta", "gamma")[i % 3]
+        loaded = await put_adapter(gateway, "p3", signature_adapters[kind], f"m{i}")
+        assert loaded.status_code == 200, loaded.text
+        assert (await ask(gateway, "p3"))["fast_response"] == SIGNATURES[kind]
+        deleted = await gateway.delete("/admin/personalities/p3/adapter", headers=AUTH)
+        assert deleted.status_code == 200
+    after = _rss_bytes()
+    growth_mb = (after - before) / 1e6
+    print(
+        f"\nRSS before {before / 1e6:.0f} MB, after 50 cycles {after / 1e6:.0f} MB, "
+        f"growth {growth_mb:+.0f} MB"
+    )
+    assert growth_mb < 200
