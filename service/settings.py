@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The deadline used on a GPU when none is configured: the product's P95 goal.
 GPU_DEFAULT_DEADLINE_MS = 100
@@ -121,6 +122,33 @@ class Settings(BaseSettings):
     seed: int = 0
     """Engine seed, so sampling is reproducible for a given request order."""
 
+    engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Remote-engine mode: base URLs of vLLM OpenAI-compatible servers (`fastresp engine
+    serve`), e.g. `http://127.0.0.1:8100,http://127.0.0.1:8101` (comma-separated in
+    `FASTRESP_ENGINE_URLS`). Empty (the default): the in-process engine. The gateway still
+    needs the base model directory (`model`) on disk for the tokenizer, and the upstreams
+    must read adapter folders at the paths the gateway gives them (a shared filesystem)."""
+
+    engine_served_model: str | None = Field(default=None, min_length=1)
+    """Remote-engine mode: the base model name the upstreams serve (`--served-model-name`).
+    None: discovered from each upstream's `GET /v1/models` (they must agree)."""
+
+    engine_device: Literal["cpu", "cuda"] = "cuda"
+    """Remote-engine mode only: the device the upstreams run on, which picks the default
+    deadline (`deadline_ms`). The in-process engine detects its device itself."""
+
+    engine_connect_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    """Remote-engine mode: seconds startup waits for at least one upstream to answer
+    `/health` before it fails."""
+
+    engine_request_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    """Remote-engine mode: seconds one upstream call (a generation, an adapter load) may
+    take before that upstream counts as failed. The per-request deadline cancels sooner."""
+
+    engine_down_s: float = Field(default=2.0, ge=0.0, le=300.0)
+    """Remote-engine mode: seconds an upstream that failed (connection error or 5xx) is
+    skipped by routing, so requests do not keep paying for it; 0 disables this."""
+
     redis_url: str | None = None
     """Redis URL (e.g. `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
 
@@ -136,6 +164,37 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_engine_urls(cls, value: object) -> object:
+        """Accept a comma-separated string (the environment form) as well as a list."""
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _check_engine_urls(cls, urls: list[str]) -> list[str]:
+        """Each must be an http(s) base URL with a host; no duplicates; trailing "/" dropped."""
+        cleaned: list[str] = []
+        for raw in urls:
+            url = raw.strip().rstrip("/")
+            parts = urlsplit(url)
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise ValueError(f"engine_urls: {raw!r} has a bad port") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"engine_urls: {raw!r} is not an http(s) base URL like http://127.0.0.1:8100"
+                )
+            if parts.query or parts.fragment:
+                raise ValueError(f"engine_urls: {raw!r} must not have a query or fragment")
+            if url in cleaned:
+                raise ValueError(f"engine_urls: {raw!r} is listed twice")
+            cleaned.append(url)
+        return cleaned
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
