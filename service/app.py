@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -11,11 +12,15 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import admin
+from service.adapter_registry import AdapterRegistry
+from service.adapter_validation import BaseModelInfo
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
-from service.fast_response import FastResponseService, load_configured_adapters
+from service.fast_response import FastResponseService
 from service.metrics import Metrics
 from service.personalities import load_personalities
+from service.registry_store import open_registry_store
 from service.routes import router
 from service.settings import Settings
 
@@ -91,8 +96,17 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
-async def start_vllm_engine(settings: Settings) -> Engine:
-    """Start the in-process vLLM engine on `settings.resolved_model()` (imports vLLM)."""
+async def start_engine(settings: Settings) -> Engine:
+    """Connect to the remote vLLM servers in `settings.engine_urls`, or, when there are
+    none, start the in-process vLLM engine on `settings.resolved_model()` (imports vLLM).
+
+    Raises:
+        EngineUnavailable: the engine could not start, or no upstream answered.
+    """
+    if settings.engine_urls:
+        from service.remote_engine import RemoteEngine
+
+        return await RemoteEngine.start(settings)
     from service.vllm_engine import VLLMEngine
 
     return await VLLMEngine.start(settings)
@@ -109,7 +123,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     Raises (at startup, from the lifespan):
         ManifestError: bad personalities file.
-        EngineError: a configured adapter failed to load.
+        AdapterRejected, AdapterLoadFailed: a configured adapter (from the manifest or
+            the shared registry) failed validation or loading.
+        RegistryUnavailable: Redis is configured but cannot be read.
     """
 
     @asynccontextmanager
@@ -118,25 +134,36 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             personalities = load_personalities(settings.personalities_file)
             running = engine
             if running is None:
-                running = await start_vllm_engine(settings)
+                running = await start_engine(settings)
                 stack.push_async_callback(running.close)
-            adapters = await load_configured_adapters(running, personalities)
+            base_model = await asyncio.to_thread(BaseModelInfo.from_dir, settings.resolved_model())
+            metrics = Metrics()
             redis_client = None
             if settings.redis_url:
                 import redis.asyncio as redis
 
                 redis_client = redis.from_url(settings.redis_url)
                 stack.push_async_callback(redis_client.aclose)
+            store = open_registry_store(settings)
+            stack.push_async_callback(store.close)
+            registry = AdapterRegistry(
+                running, personalities, base_model, settings.max_lora_rank, store, metrics
+            )
+            # An engine the gateway does not own (shared in tests, or remote upstreams)
+            # outlives it, so the gateway unloads its adapters from it on shutdown.
+            owns_engine = engine is None and not settings.engine_urls
+            stack.push_async_callback(registry.close, not owns_engine)
+            await registry.start()
             deadline_ms = settings.resolved_deadline_ms(running.device)
-            metrics = Metrics()
             app.state.settings = settings
             app.state.engine = running
             app.state.redis = redis_client
             app.state.metrics = metrics
+            app.state.registry = registry
             app.state.service = FastResponseService(
                 running,
                 personalities,
-                adapters,
+                registry,
                 metrics,
                 deadline_s=deadline_ms / 1000,
                 base_prompt_mode=settings.base_prompt_mode,
@@ -151,12 +178,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 deadline_ms,
                 ", ".join(personalities),
             )
-            try:
-                yield {}
-            finally:
-                for adapter in adapters.values():
-                    if engine is not None:  # a shared engine outlives this app
-                        await running.remove_adapter(adapter.ref)
+            yield {}
 
     app = FastAPI(
         title="Pika fast response",
@@ -166,5 +188,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin.router)
     app.add_middleware(RequestBodyLimits, max_bytes=settings.max_body_bytes)
     return app
