@@ -10,13 +10,12 @@ Run:  python -m service.bench_dtype [--model DIR] [--out BENCHMARKS.md]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Literal
+
+from service.benchmarks import machine, today, write_section
 
 Dtype = Literal["bfloat16", "float32"]
 
@@ -65,9 +64,8 @@ def main() -> None:
         "## vLLM CPU dtype: bfloat16 against float32",
         "",
         f"Command: `python -m service.bench_dtype --repeats {args.repeats}` on "
-        f"{args.model.name}; machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.node()}; "
-        f"date: {dt.date.today().isoformat()}. Mean of {args.repeats} runs per cell.",
+        f"{args.model.name}; machine: {machine()}; "
+        f"date: {today()}. Mean of {args.repeats} runs per cell.",
         "",
         "| dtype | ~360-token prefill, ms | 16 decoded tokens, ms |",
         "|---|---|---|",
@@ -81,14 +79,7 @@ def main() -> None:
     )
     section = "\n".join(lines) + "\n"
     print(section)
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-    start = text.find(lines[0])
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    args.out.write_text(text)
+    write_section(args.out, section)
 
 
 if __name__ == "__main__":
