@@ -1,7 +1,7 @@
 """Build PEFT LoRA adapter folders for tests: valid ones, and each kind of broken one.
 
-`make_lora` saves a real PEFT adapter for the tiny model; `break_adapter` copies a
-valid adapter and damages it one way, the way a user's mistake would.
+`make_lora` (`adapters.random_lora`) saves a real PEFT adapter for the tiny model;
+`break_adapter` copies a valid adapter and damages it one way, as a user's mistake would.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+from adapters.random_lora import make_random_lora as make_lora
 
 #: Each way `break_adapter` can damage an adapter, and the check that must refuse it
 #: (`AdapterRejected.error_type`, the `type` in the 422 body).
@@ -22,39 +24,6 @@ BROKEN_KINDS: dict[str, str] = {
     "nan_weights": "weights_not_finite",
     "zero_lora_b": "adapter_changes_nothing",
 }
-
-
-def make_lora(
-    base_model: Path,
-    out_dir: Path,
-    *,
-    version: str | None = None,
-    rank: int = 8,
-    random_b: bool = True,
-    seed: int = 1,
-) -> Path:
-    """Save a PEFT LoRA on all linear layers of `base_model` into `out_dir`.
-
-    `random_b`: B is random as well as A, so the adapter changes the output (PEFT's
-    default init has B = 0). Writes `fastresp_card.json` when `version` is given.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules="all-linear",
-        init_lora_weights=not random_b,
-        task_type="CAUSAL_LM",
-    )
-    get_peft_model(model, config).save_pretrained(str(out_dir))
-    if version is not None:
-        (out_dir / "fastresp_card.json").write_text(json.dumps({"version": version}))
-    return out_dir
 
 
 def break_adapter(base_model: Path, valid: Path, kind: str, out_dir: Path) -> Path:

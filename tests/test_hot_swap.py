@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from service.adapter_registry import AdapterRegistry
 from service.engine import Engine
 from tests.adapter_factory import BROKEN_KINDS, break_adapter
-from tests.conftest import engine_settings, serve
+from tests.conftest import RedisServer, engine_settings, serve
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
@@ -304,3 +305,66 @@ async def test_memory_over_50_load_unload_cycles(
         f"growth {growth_mb:+.0f} MB"
     )
     assert growth_mb < 200
+
+
+async def wait_for_version(
+    client: httpx.AsyncClient, name: str, version: str | None, limit_s: float
+) -> dict[str, Any]:
+    """Ask until `name` is served by `version`; fail after `limit_s` seconds."""
+    deadline = time.perf_counter() + limit_s
+    while True:
+        answer = await ask(client, name)
+        if answer["adapter_version"] == version or time.perf_counter() > deadline:
+            return answer
+        await asyncio.sleep(0.02)
+
+
+async def test_two_replicas_sharing_redis_serve_a_swap_within_one_second(
+    engine: Engine,
+    tiny_model_dir: Path,
+    manifest: Path,
+    redis_url: str,
+    signature_adapters: dict[str, Path],
+) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    settings = settings_for(tiny_model_dir, manifest, redis_url=redis_url, redis_key_prefix=prefix)
+    async with serve(settings, engine) as one, serve(settings, engine) as two:
+        assert (await ask(two, "p1"))["adapter_version"] is None
+        assert (await put_adapter(one, "p1", signature_adapters["alpha"], "r1")).status_code == 200
+        answer = await wait_for_version(two, "p1", "r1", limit_s=1.0)
+        assert (answer["adapter_version"], answer["fast_response"]) == ("r1", "alpha alpha")
+
+        deleted = await two.delete("/admin/personalities/p1/adapter", headers=AUTH)
+        assert deleted.status_code == 200
+        answer = await wait_for_version(one, "p1", None, limit_s=1.0)
+        assert answer["adapter_version"] is None
+
+        assert (await put_adapter(one, "p1", signature_adapters["beta"], "r2")).status_code == 200
+        assert (await wait_for_version(two, "p1", "r2", limit_s=1.0))["adapter_version"] == "r2"
+    # A replica that (re)starts picks up the current version from Redis.
+    async with serve(settings, engine) as restarted:
+        answer = await ask(restarted, "p1")
+        assert (answer["adapter_version"], answer["fast_response"]) == ("r2", "beta beta")
+        assert (await ask(restarted, "p2"))["adapter_version"] is None
+
+
+async def test_a_swap_while_redis_is_down_is_refused_and_the_old_version_serves(
+    engine: Engine,
+    tiny_model_dir: Path,
+    manifest: Path,
+    redis_server: RedisServer,
+    signature_adapters: dict[str, Path],
+) -> None:
+    settings = settings_for(tiny_model_dir, manifest, redis_url=redis_server.url)
+    async with serve(settings, engine) as client:
+        assert (await put_adapter(client, "p1", signature_adapters["alpha"])).status_code == 200
+        redis_server.kill()
+        refused = await put_adapter(client, "p1", signature_adapters["beta"])
+        assert refused.status_code == 503
+        assert refused.json()["detail"][0]["type"] == "registry_unavailable"
+        answer = await ask(client, "p1")
+        assert (answer["adapter_version"], answer["fast_response"]) == ("alpha", "alpha alpha")
+        await registry_of(client).drain()
+        # The refused version was unloaded again: only alpha's adapter is in the engine.
+        names = {a.ref.name for a in registry_of(client).snapshot().values() if a}
+        assert {n for n in await engine.loaded_adapters() if n.startswith("p1-")} == names
