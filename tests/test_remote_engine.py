@@ -29,13 +29,14 @@ import pytest_asyncio
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from adapters.random_lora import make_random_lora
 from service.cli import app as cli_app
 from service.engine import AdapterRef, GenerationRequest
 from service.engine_server import server_command
 from service.errors import EngineError, EngineUnavailable
 from service.remote_engine import RemoteEngine, rendezvous_order
 from service.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import engine_settings, free_port, serve
 
 FASTRESP = str(Path(sys.executable).parent / "fastresp")
 SERVER_START_TIMEOUT_S = 420.0
@@ -247,27 +248,9 @@ def loras(
     """Random-weight PEFT LoRAs, built while the servers start."""
     folder = tmp_path_factory.mktemp("remote-loras")
     return Loras(
-        _random_lora(tiny_model_dir, folder / "r8", 8),
-        _random_lora(tiny_model_dir, folder / "r16", 16),
+        make_random_lora(tiny_model_dir, folder / "r8", version="v8", rank=8, alpha=64),
+        make_random_lora(tiny_model_dir, folder / "r16", version="v16", rank=16, alpha=64),
     )
-
-
-def _random_lora(base_model: Path, out_dir: Path, rank: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(rank)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=64,
-        target_modules="all-linear",
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    get_peft_model(model, config).save_pretrained(str(out_dir))
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -473,6 +456,41 @@ async def test_start_refuses_a_served_model_the_upstreams_do_not_serve(
     settings = remote_settings(tiny_model_dir, urls, engine_served_model="gemma")
     with pytest.raises(EngineUnavailable, match="does not serve engine_served_model 'gemma'"):
         await RemoteEngine.start(settings)
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_gateway_serves_through_the_remote_engine(
+    remote: RemoteEngine, servers: tuple[Server, Server], loras: Loras, tiny_model_dir: Path
+) -> None:
+    """The app with a RemoteEngine: its adapter reaches both upstreams, requests answer."""
+    manifest = loras.rank8.parent / "personalities.yaml"
+    sampling = '{max_tokens: 8, temperature: 0.0, top_p: 1.0, stop: ["\\n"]}'
+    manifest.write_text(
+        "personalities:\n"
+        "  tuned:\n    description: d\n    style: s\n    max_words: 40\n"
+        f"    sampling: {sampling}\n    adapter: {loras.rank8.name}\n"
+        "    fallback_phrases: [Hm.]\n"
+        "  base:\n    description: d\n    style: s\n    max_words: 40\n"
+        f"    sampling: {sampling}\n    fallback_phrases: [Hm.]\n"
+    )
+    urls = [s.url for s in servers]
+    settings = engine_settings(tiny_model_dir, personalities_file=manifest, engine_urls=urls)
+    turn = {"pika_turn": "What did you eat?", "user_turn": "I ate pho with my dad"}
+    async with serve(settings, remote) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        for server in servers:
+            held = await served_models(server.url)
+            assert any(name.startswith("tuned-") for name in held), (server.url, held)
+        for personality in ("tuned", "base"):
+            response = await client.post(
+                "/fast-response", json={"personality": personality, **turn}
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["source"] in {"model", "fallback"}
+        assert (await client.post("/fast-response", json={"personality": "tuned", **turn})).json()[
+            "adapter_version"
+        ] == "v8"
 
 
 @pytest.mark.engine
