@@ -1,9 +1,5 @@
-"""Hot-swapping personalities' LoRA adapters through the admin API, on a real engine.
-
-The oracle is the signature adapters (tests/signature_adapters.py): each one makes
-the tiny model say its own string ("alpha alpha", ...) for any input, so a
-response's text proves which adapter version produced it.
-"""
+"""Hot-swapping personalities' LoRA adapters through the admin API, on the real
+in-process engine, with signature adapters as the oracle (tests/swap_scenarios.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +16,26 @@ import httpx
 import psutil
 import pytest
 
-from service.adapter_registry import AdapterRegistry
 from service.engine import Engine
 from tests.adapter_factory import BROKEN_KINDS, break_adapter
 from tests.conftest import RedisServer, engine_settings, serve
+from tests.swap_scenarios import (
+    AUTH,
+    SIGNATURES,
+    TOKEN,
+    ask,
+    hot_swap_under_load,
+    put_adapter,
+    registry_of,
+    write_manifest,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
-
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-#: What each signature adapter says (the fixture `signature_adapters` trains them).
-SIGNATURES = {"alpha": "alpha alpha", "beta": "beta beta", "gamma": "gamma gamma"}
-TURN = {"pika_turn": "What did you eat today?", "user_turn": "I ate pho with my dad"}
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three personalities on the base model, greedy, up to 12 tokens."""
-    path = tmp_path_factory.mktemp("manifest") / "personalities.yaml"
-    sampling = '{max_tokens: 12, temperature: 0.0, top_p: 1.0, stop: ["\\n"]}'
-    path.write_text(
-        "personalities:\n"
-        + "".join(
-            f"  {name}:\n    description: d\n    style: s\n    max_words: 12\n"
-            f"    sampling: {sampling}\n    fallback_phrases: [Hm.]\n"
-            for name in ("p1", "p2", "p3")
-        )
-    )
-    return path
+    return write_manifest(tmp_path_factory.mktemp("manifest") / "p.yaml", ("p1", "p2", "p3"))
 
 
 def settings_for(model: Path, manifest: Path, **overrides: Any) -> Any:
@@ -67,30 +54,6 @@ async def gateway(
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings_for(tiny_model_dir, manifest), engine) as client:
         yield client
-
-
-def registry_of(client: httpx.AsyncClient) -> AdapterRegistry:
-    """The AdapterRegistry of the app behind a `serve()` client."""
-    transport = client._transport
-    assert isinstance(transport, httpx.ASGITransport)
-    registry: AdapterRegistry = transport.app.state.registry  # type: ignore[attr-defined]
-    return registry
-
-
-async def put_adapter(
-    client: httpx.AsyncClient, name: str, path: Path, version: str | None = None
-) -> httpx.Response:
-    body: dict[str, Any] = {"path": str(path)}
-    if version is not None:
-        body["version"] = version
-    return await client.put(f"/admin/personalities/{name}/adapter", json=body, headers=AUTH)
-
-
-async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
-    response = await client.post("/fast-response", json={"personality": name, **TURN})
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def test_admin_routes_need_the_token(gateway: httpx.AsyncClient) -> None:
@@ -174,59 +137,11 @@ async def test_bad_adapters_get_422_with_their_reason_and_the_old_version_keeps_
         assert (answer["adapter_version"], answer["fast_response"]) == ("alpha", "alpha alpha")
 
 
-@dataclass
-class Swap:
-    version: str
-    started: float
-    ended: float
-
-
 async def test_hot_swap_under_load_fails_nothing_and_serves_the_admitted_version(
     gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
 ) -> None:
     """8 clients for 20 s while p1 swaps 10 times between two signature adapters."""
-    clients, duration_s, swap_count = 8, 20.0, 10
-    signature_of = {"v0": SIGNATURES["alpha"]}
-    assert (await put_adapter(gateway, "p1", signature_adapters["alpha"], "v0")).status_code == 200
-    swaps = [Swap("v0", 0.0, 0.0)]
-    results: list[tuple[float, float, httpx.Response]] = []
-    stop_at = time.perf_counter() + duration_s
-
-    async def client_loop() -> None:
-        while time.perf_counter() < stop_at:
-            sent = time.perf_counter()
-            response = await gateway.post("/fast-response", json={"personality": "p1", **TURN})
-            results.append((sent, time.perf_counter(), response))
-
-    async def swapper() -> None:
-        for i in range(1, swap_count + 1):
-            await asyncio.sleep(duration_s / (swap_count + 1))
-            kind = "beta" if i % 2 else "alpha"
-            version = f"v{i}"
-            signature_of[version] = SIGNATURES[kind]
-            started = time.perf_counter()
-            response = await put_adapter(gateway, "p1", signature_adapters[kind], version)
-            assert response.status_code == 200, response.text
-            swaps.append(Swap(version, started, time.perf_counter()))
-
-    await asyncio.gather(swapper(), *(client_loop() for _ in range(clients)))
-
-    assert len(swaps) == swap_count + 1
-    failed = [r for _, _, r in results if r.status_code != 200 or r.json()["source"] != "model"]
-    assert not failed, [r.text for r in failed[:3]]
-    seen_versions = set()
-    for sent, received, response in results:
-        body = response.json()
-        version = body["adapter_version"]
-        seen_versions.add(version)
-        assert body["fast_response"] == signature_of[version], body
-        # Admitted between sent and received: the version active when it was sent, or
-        # one switched to while it ran.
-        before = [s.version for s in swaps if s.ended <= sent][-1]
-        during = {s.version for s in swaps if s.started <= received and s.ended >= sent}
-        assert version in {before} | during, (version, before, during)
-    print(f"\nhot swap: {len(results)} requests, {len(seen_versions)} versions served, 0 failed")
-    assert len(seen_versions) >= swap_count  # traffic really spanned the swaps
+    await hot_swap_under_load(gateway, signature_adapters, "p1")
 
 
 async def test_no_cross_talk_between_three_personalities(

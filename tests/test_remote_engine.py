@@ -37,6 +37,14 @@ from service.errors import EngineError, EngineUnavailable
 from service.remote_engine import RemoteEngine, rendezvous_order
 from service.settings import Settings
 from tests.conftest import engine_settings, free_port, serve
+from tests.swap_scenarios import (
+    TOKEN,
+    ask,
+    hot_swap_under_load,
+    put_adapter,
+    registry_of,
+    write_manifest,
+)
 
 FASTRESP = str(Path(sys.executable).parent / "fastresp")
 SERVER_START_TIMEOUT_S = 420.0
@@ -517,6 +525,116 @@ async def test_a_deadline_aborts_the_upstream_request(
     await asyncio.sleep(0.5)
     assert await metric(a.url, FINISHED) == finished
     assert await metric(a.url, GENERATED) - generated < 1000
+
+
+# -- the gateway's hot swaps over the two upstreams ---------------------------------------
+
+
+def gateway_settings(model: Path, servers: tuple[Server, Server], manifest: Path) -> Settings:
+    return engine_settings(
+        model,
+        personalities_file=manifest,
+        engine_urls=[s.url for s in servers],
+        admin_token=TOKEN,
+        warm_up=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def remote_manifest(
+    servers: tuple[Server, Server], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str, str]:
+    """A manifest with one personality homed on upstream A and one on B: (path, a, b)."""
+    urls = [s.url for s in servers]
+    home_a = keys_homed_on(urls[0], urls, 1)[0]
+    home_b = keys_homed_on(urls[1], urls, 1)[0]
+    path = write_manifest(tmp_path_factory.mktemp("remote-manifest") / "p.yaml", (home_a, home_b))
+    return path, home_a, home_b
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("home", ["a", "b"])
+async def test_gateway_hot_swap_under_load_on_two_upstreams(
+    home: str,
+    remote: RemoteEngine,
+    servers: tuple[Server, Server],
+    remote_manifest: tuple[Path, str, str],
+    signature_adapters: dict[str, Path],
+    tiny_model_dir: Path,
+) -> None:
+    """The in-process hot-swap test (tests/swap_scenarios.py), once for a personality
+    homed on each upstream: 8 clients, 20 s, 10 swaps, nothing fails."""
+    manifest, home_a, home_b = remote_manifest
+    name = home_a if home == "a" else home_b
+    settings = gateway_settings(tiny_model_dir, servers, manifest)
+    async with serve(settings, remote) as client:
+        await hot_swap_under_load(client, signature_adapters, name)
+        active = registry_of(client).active(name)
+        assert active is not None
+        for server in servers:  # the active version is on both upstreams, for failover
+            assert active.ref.name in await served_models(server.url), server.url
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_gateway_swap_refused_by_one_upstream_is_rolled_back_on_both(
+    remote: RemoteEngine,
+    servers: tuple[Server, Server],
+    remote_manifest: tuple[Path, str, str],
+    signature_adapters: dict[str, Path],
+    tiny_model_dir: Path,
+) -> None:
+    """delta16 is rank 16: the gateway (max_lora_rank 16) and A accept it, B (8) refuses."""
+    manifest, name, _ = remote_manifest
+    a, b = servers
+    settings = gateway_settings(tiny_model_dir, servers, manifest)
+    async with serve(settings, remote) as client:
+        assert (await put_adapter(client, name, signature_adapters["alpha"])).status_code == 200
+        before = {s.url: await served_models(s.url) for s in servers}
+        refused = await put_adapter(client, name, signature_adapters["delta16"])
+        assert refused.status_code == 502, refused.text
+        detail = refused.json()["detail"][0]
+        assert detail["type"] == "adapter_load_failed"
+        assert (
+            f"{b.url}: failed" in detail["msg"] and f"{a.url}: loaded, rolled back" in detail["msg"]
+        ), detail["msg"]
+        for server in servers:  # rolled back everywhere: each upstream holds what it held
+            assert await served_models(server.url) == before[server.url], server.url
+        answer = await ask(client, name)
+        assert (answer["adapter_version"], answer["fast_response"]) == ("alpha", "alpha alpha")
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_gateway_fails_over_when_an_upstream_dies(
+    remote: RemoteEngine,
+    servers: tuple[Server, Server],
+    remote_manifest: tuple[Path, str, str],
+    signature_adapters: dict[str, Path],
+    tiny_model_dir: Path,
+) -> None:
+    """Kill B mid-traffic: the personality homed on B keeps answering from A, with its
+    own adapter (loaded on both), and no request fails. Leaves B dead."""
+    manifest, home_a, home_b = remote_manifest
+    a, b = servers
+    settings = gateway_settings(tiny_model_dir, servers, manifest)
+    async with serve(settings, remote) as client:
+        assert (await put_adapter(client, home_b, signature_adapters["beta"])).status_code == 200
+        assert (await put_adapter(client, home_a, signature_adapters["gamma"])).status_code == 200
+        before = await metric(a.url, FINISHED)
+        answers = [await ask(client, home_b) for _ in range(3)]
+        assert await metric(a.url, FINISHED) == before  # homed on B: A served none of them
+        b.kill(signal.SIGKILL)
+        b.process.wait(timeout=20)
+        for _ in range(10):
+            answers.append(await ask(client, home_b))
+            assert (await ask(client, home_a))["fast_response"] == "gamma gamma"
+        assert all((x["source"], x["fast_response"]) == ("model", "beta beta") for x in answers), (
+            answers
+        )
+        assert await wait_metric(a.url, FINISHED, lambda v: v >= before + 20) >= before + 20
+        assert (await client.get("/healthz")).status_code == 200  # one upstream is enough
 
 
 @pytest.mark.engine
