@@ -61,7 +61,8 @@ def serve(
         Path | None, typer.Option(help="Personalities YAML (default: adapters/personalities.yaml).")
     ] = None,
 ) -> None:
-    """Start the gateway with the in-process vLLM engine.
+    """Start the gateway: the in-process vLLM engine, or the vLLM servers in
+    FASTRESP_ENGINE_URLS (see `fastresp engine serve`).
 
     Every option can also be set as an environment variable FASTRESP_<NAME>
     (see the README for the full list).
@@ -78,20 +79,25 @@ def serve(
         deadline_ms=deadline_ms,
         personalities_file=personalities_file,
     )
+    from service.adapter_validation import AdapterRejected, BaseModelInfo, validate_adapter
     from service.personalities import ManifestError, load_personalities
 
-    try:  # refuse a bad manifest or a missing adapter before the engine loads
-        for name, personality in load_personalities(settings.personalities_file).items():
-            if personality.adapter and not (personality.adapter / "adapter_config.json").is_file():
-                _fail(f"personality {name!r}: {personality.adapter} has no adapter_config.json")
-    except ManifestError as exc:
-        _fail(str(exc))
     model_dir = settings.resolved_model()
     if settings.model is None:
         from service.model_prep import is_prepared
 
         if not is_prepared(model_dir):
             _fail(f"the default model is not prepared at {model_dir}; run: fastresp model prepare")
+    try:  # refuse a bad manifest or adapter before the engine loads (about a minute)
+        base_model = BaseModelInfo.from_dir(model_dir)
+        for name, personality in load_personalities(settings.personalities_file).items():
+            if personality.adapter is not None:
+                try:
+                    validate_adapter(personality.adapter, base_model, settings.max_lora_rank)
+                except AdapterRejected as exc:
+                    _fail(f"personality {name!r}: {exc.message} ({exc.error_type})")
+    except (ManifestError, FileNotFoundError) as exc:
+        _fail(str(exc))
     configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),

@@ -125,3 +125,23 @@ def test_version_falls_back_to_the_folder_name(tmp_path: Path) -> None:
     assert adapter_version(folder) == "cheerful-2026-11-29"
     (folder / "fastresp_card.json").write_text(json.dumps({"version": "v3"}))
     assert adapter_version(folder) == "v3"
+
+
+def test_serve_refuses_a_bad_manifest_adapter_before_the_engine_loads(
+    tiny_model_dir: Path, valid_adapter: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    broken = break_adapter(tiny_model_dir, valid_adapter, "rank_over_limit", tmp_path / "r32")
+    manifest = tmp_path / "p.yaml"
+    manifest.write_text(
+        "personalities:\n  tuned:\n    description: d\n    style: s\n"
+        f"    adapter: {broken}\n    fallback_phrases: [Hm.]\n"
+    )
+    args = ["serve", "--model", str(tiny_model_dir), "--personalities-file", str(manifest)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "personality 'tuned'" in result.output
+    assert "rank 32 is over the engine's max_lora_rank 16 (rank_over_limit)" in result.output
