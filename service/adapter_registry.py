@@ -29,7 +29,12 @@ from pathlib import Path
 
 from service.adapter_validation import BaseModelInfo, ValidatedAdapter, validate_adapter
 from service.engine import AdapterRef, Engine, GenerationRequest
-from service.errors import EngineError, FastResponseError, UnknownPersonality
+from service.errors import (
+    EngineError,
+    FastResponseError,
+    RegistryUnavailable,
+    UnknownPersonality,
+)
 from service.metrics import Metrics
 from service.personalities import Personality
 from service.prompts import Turn, build_prompt
@@ -238,7 +243,6 @@ class AdapterRegistry:
         Raises:
             AdapterRejected, AdapterLoadFailed: an adapter from the manifest or the
                 store failed; startup must fail with this reason.
-            RegistryUnavailable: the store cannot be read.
         """
         for name, personality in self._personalities.items():
             if personality.adapter is None:
@@ -253,7 +257,13 @@ class AdapterRegistry:
                 exc.args = (exc.message,)
                 raise
             self._switch(self._states[name], slot, 0)
-        for record in (await self._store.records()).values():
+        try:
+            records = await self._store.records()
+        except RegistryUnavailable as exc:
+            # /readyz reports Redis down meanwhile; the follower resyncs once it answers.
+            logger.warning("%s; serving the manifest's adapters until it answers", exc.message)
+            records = {}
+        for record in records.values():
             await self._apply(record, fail=True)
         self._follower = asyncio.create_task(self._follow(), name="adapter-registry-follower")
 

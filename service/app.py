@@ -125,7 +125,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         ManifestError: bad personalities file.
         AdapterRejected, AdapterLoadFailed: a configured adapter (from the manifest or
             the shared registry) failed validation or loading.
-        RegistryUnavailable: Redis is configured but cannot be read.
     """
 
     @asynccontextmanager

@@ -283,3 +283,28 @@ async def test_a_swap_while_redis_is_down_is_refused_and_the_old_version_serves(
         # The refused version was unloaded again: only alpha's adapter is in the engine.
         names = {a.ref.name for a in registry_of(client).snapshot().values() if a}
         assert {n for n in await engine.loaded_adapters() if n.startswith("p1-")} == names
+
+
+async def test_a_replica_started_while_redis_is_down_catches_up_when_it_returns(
+    engine: Engine,
+    tiny_model_dir: Path,
+    manifest: Path,
+    redis_server: RedisServer,
+    signature_adapters: dict[str, Path],
+) -> None:
+    import redis.asyncio as redis
+
+    settings = settings_for(tiny_model_dir, manifest, redis_url=redis_server.url)
+    async with serve(settings, engine) as first:
+        assert (await put_adapter(first, "p1", signature_adapters["alpha"])).status_code == 200
+    client = redis.from_url(redis_server.url)
+    await client.save()  # so the restarted server has the record (it runs without AOF)
+    await client.aclose()
+    redis_server.kill()
+    async with serve(settings, engine) as late:
+        assert (await late.get("/readyz")).status_code == 503
+        assert (await ask(late, "p1"))["adapter_version"] is None  # the manifest meanwhile
+        redis_server.start()
+        answer = await wait_for_version(late, "p1", "alpha", limit_s=15.0)
+        assert (answer["adapter_version"], answer["fast_response"]) == ("alpha", "alpha alpha")
+        assert (await late.get("/readyz")).status_code == 200
