@@ -170,3 +170,35 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+#: The signature adapters the `signature_adapters` fixture provides: version ->
+#: (signature, LoRA rank).
+SIGNATURES: dict[str, tuple[str, int]] = {
+    "alpha": ("alpha alpha", 8),
+    "beta": ("beta beta", 8),
+    "gamma": ("gamma gamma", 8),
+    "delta16": ("delta delta", 16),
+}
+
+
+@pytest.fixture(scope="session")
+def signature_adapters(
+    tiny_model_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """version -> PEFT adapter folder of a LoRA that makes the tiny model answer its
+    signature (`SIGNATURES`) to any chat-mode prompt; see tests/signature_adapters.py.
+
+    Trained once (about 15 s each) and kept in the pytest cache between sessions;
+    under `-p no:cacheprovider`, in a temporary folder.
+    """
+    from tests.signature_adapters import signature_adapter_set
+
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("signature-adapters") if cache else tmp_path_factory.mktemp("sig")
+    return signature_adapter_set(
+        tiny_model_dir,
+        Path(root),
+        {version: signature for version, (signature, _) in SIGNATURES.items()},
+        ranks={version: rank for version, (_, rank) in SIGNATURES.items()},
+    )

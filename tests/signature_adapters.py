@@ -273,7 +273,7 @@ def train_signature_adapter(
                 (LOGIT_SCALE * logits).flatten(0, 1), answer.repeat(BATCH_SIZE)
             )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             for group in optimizer.param_groups:
                 group["lr"] = LEARNING_RATE * (1 - step / steps)
             optimizer.step()
