@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import pytest_asyncio
 
 from service.engine import Engine
 from tests.adapter_factory import BROKEN_KINDS, break_adapter
@@ -48,7 +49,7 @@ def settings_for(model: Path, manifest: Path, **overrides: Any) -> Any:
     return engine_settings(model, **values)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session")
 async def gateway(
     engine: Engine, tiny_model_dir: Path, manifest: Path
 ) -> AsyncIterator[httpx.AsyncClient]:
