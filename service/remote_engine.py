@@ -27,9 +27,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shutil
 import time
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +41,12 @@ from tenacity import wait_exponential as wait_backoff
 
 from service.engine import AdapterRef, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable
+from service.identity_lora import (
+    IDENTITY_LORA_ID,
+    IDENTITY_LORA_NAME,
+    needs_identity_lora,
+    write_identity_lora,
+)
 from service.prompts import ChatTokenizer
 from service.settings import Settings
 
@@ -128,6 +136,17 @@ class RemoteEngine:
         self._adapters: dict[str, AdapterRef] = {}  # added through this engine, not removed
         self._reloads: dict[tuple[str, str], asyncio.Lock] = {}  # (url, adapter name)
         self._in_flight = 0
+        # On CPU upstreams base-model requests go through an all-zero adapter
+        # (service.identity_lora); it is loaded on each upstream by its first 404.
+        self._identity: AdapterRef | None = None
+        if needs_identity_lora(settings, settings.engine_device):
+            name = f"{IDENTITY_LORA_NAME}-{uuid.uuid4().hex[:8]}"
+            # Under cache_dir: the upstreams must read it (shared filesystem, as adapters).
+            folder = write_identity_lora(
+                settings.resolved_model(), settings.cache_dir / "identity-lora" / name
+            )
+            self._identity = AdapterRef(name, IDENTITY_LORA_ID, folder)
+            self._adapters[name] = self._identity
 
     @classmethod
     async def start(cls, settings: Settings) -> RemoteEngine:
@@ -328,7 +347,11 @@ class RemoteEngine:
                     raise result
                 logger.warning("cannot list adapters on %s: %s", upstream.url, result)
                 continue
-            loaded[upstream.url] = {str(m["id"]) for m in result if m.get("parent") is not None}
+            loaded[upstream.url] = {
+                str(m["id"])
+                for m in result
+                if m.get("parent") is not None and not str(m["id"]).startswith(IDENTITY_LORA_NAME)
+            }
         return loaded
 
     def num_unfinished_requests(self) -> int:
@@ -336,12 +359,20 @@ class RemoteEngine:
         return self._in_flight
 
     async def close(self) -> None:
-        """Close the HTTP clients; the upstream servers keep running."""
+        """Unload the identity adapter, close the HTTP clients; the upstreams keep running."""
+        if self._identity is not None:
+            try:
+                await self.remove_adapter(self._identity)
+            except EngineError as exc:
+                logger.warning("identity adapter not unloaded everywhere: %s", exc.message)
+            shutil.rmtree(self._identity.path, ignore_errors=True)
         await asyncio.gather(*(u.client.aclose() for u in self._upstreams.values()))
 
     # -- internals -----------------------------------------------------------------
 
     async def _generate(self, request_id: str, request: GenerationRequest) -> GenerationResult:
+        if request.adapter is None and self._identity is not None:
+            request = replace(request, adapter=self._identity)
         key = request.routing_key if request.routing_key is not None else request_id
         failures: list[str] = []
         for url in self.route(key):

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 from service.engine import AdapterRef, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable
+from service.identity_lora import (
+    IDENTITY_LORA_ID,
+    IDENTITY_LORA_NAME,
+    lora_slots,
+    needs_identity_lora,
+    write_identity_lora,
+)
 from service.prompts import ChatTokenizer
 from service.settings import Settings
 
@@ -50,6 +58,7 @@ def engine_args(settings: Settings, device: str) -> Any:
         }
         if settings.block_size is not None:
             device_args["block_size"] = settings.block_size
+    max_loras, max_cpu_loras = lora_slots(settings, device)
     return AsyncEngineArgs(
         model=str(settings.resolved_model()),
         max_model_len=settings.max_model_len,
@@ -57,8 +66,8 @@ def engine_args(settings: Settings, device: str) -> Any:
         enable_prefix_caching=settings.enable_prefix_caching,
         enable_lora=settings.enable_lora,
         max_lora_rank=settings.max_lora_rank,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         disable_log_stats=False,
@@ -69,10 +78,11 @@ def engine_args(settings: Settings, device: str) -> Any:
 class VLLMEngine:
     """`Engine` over vLLM's `AsyncLLM`. Build it with `await VLLMEngine.start(settings)`."""
 
-    def __init__(self, llm: AsyncLLM, device: str) -> None:
+    def __init__(self, llm: AsyncLLM, device: str, identity: AdapterRef | None = None) -> None:
         self._llm = llm
         self._device = device
         self._names: dict[int, str] = {}  # lora_int_id -> AdapterRef.name, of added adapters
+        self._identity = identity  # base-model requests go through it (service.identity_lora)
 
     @classmethod
     async def start(cls, settings: Settings) -> VLLMEngine:
@@ -92,7 +102,18 @@ class VLLMEngine:
         except Exception as exc:  # vLLM raises many types on a failed start; keep the cause
             raise EngineUnavailable(f"vLLM failed to start on {args.model}: {exc}") from exc
         logger.info("vLLM engine ready on %s in %.1f s", device, time.perf_counter() - started)
-        return cls(llm, device)
+        identity = None
+        if needs_identity_lora(settings, device):
+            folder = await asyncio.to_thread(write_identity_lora, settings.resolved_model())
+            identity = AdapterRef(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, folder)
+        engine = cls(llm, device, identity)
+        if identity is not None:
+            try:
+                await engine.add_adapter(identity)
+            except EngineError:
+                await engine.close()
+                raise
+        return engine
 
     @property
     def device(self) -> str:
@@ -111,11 +132,10 @@ class VLLMEngine:
             stop=list(request.stop),
             seed=request.seed,
         )
+        adapter = request.adapter or self._identity
         lora = None
-        if request.adapter is not None:
-            lora = LoRARequest(
-                request.adapter.name, request.adapter.lora_int_id, str(request.adapter.path)
-            )
+        if adapter is not None:
+            lora = LoRARequest(adapter.name, adapter.lora_int_id, str(adapter.path))
         started = time.perf_counter()
         ttft: float | None = None
         final = None
@@ -179,7 +199,7 @@ class VLLMEngine:
 
     async def loaded_adapters(self) -> set[str]:
         """Names of the adapters vLLM holds (its CPU-side LRU may have evicted some)."""
-        ids = await self._llm.list_loras()
+        ids = set(await self._llm.list_loras()) - {IDENTITY_LORA_ID}
         return {self._names.get(lora_id, str(lora_id)) for lora_id in ids}
 
     def num_unfinished_requests(self) -> int:
@@ -189,3 +209,5 @@ class VLLMEngine:
     async def close(self) -> None:
         """Shut the engine core down; later calls fail with EngineUnavailable."""
         self._llm.shutdown()
+        if self._identity is not None:
+            shutil.rmtree(self._identity.path, ignore_errors=True)

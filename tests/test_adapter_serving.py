@@ -7,15 +7,15 @@ proves the adapter is really applied, and only for its own personality.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from service.engine import AdapterRef, Engine, GenerationRequest, GenerationResult
+from adapters.random_lora import make_random_lora
 from service.adapter_validation import AdapterRejected
+from service.engine import AdapterRef, Engine, GenerationRequest, GenerationResult
 from service.personalities import load_personalities
 from service.prompts import Turn, build_prompt
 from tests.conftest import engine_settings, serve
@@ -23,30 +23,10 @@ from tests.conftest import engine_settings, serve
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
 
-def make_random_lora(base_model: Path, out_dir: Path, version: str) -> Path:
-    """Save a rank-8 LoRA on all projections with random A and B (PEFT), plus a card."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=64,
-        target_modules="all-linear",
-        init_lora_weights=False,  # random B as well as A, so the adapter changes the output
-        task_type="CAUSAL_LM",
-    )
-    get_peft_model(model, config).save_pretrained(str(out_dir))
-    (out_dir / "fastresp_card.json").write_text(json.dumps({"version": version}))
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def adapter_manifest(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("adapters")
-    make_random_lora(tiny_model_dir, folder / "cheerful-v7", "v7")
+    make_random_lora(tiny_model_dir, folder / "cheerful-v7", version="v7", alpha=64)
     manifest = folder / "personalities.yaml"
     sampling = '{max_tokens: 8, temperature: 0.0, top_p: 1.0, stop: ["\\n"]}'
     manifest.write_text(
