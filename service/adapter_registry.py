@@ -27,7 +27,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from service.adapter_validation import BaseModelInfo, ValidatedAdapter, validate_adapter
+from service.adapter_validation import (
+    AdapterRejected,
+    BaseModelInfo,
+    ValidatedAdapter,
+    validate_adapter,
+)
 from service.engine import AdapterRef, Engine, GenerationRequest
 from service.errors import (
     EngineError,
@@ -298,19 +303,30 @@ class AdapterRegistry:
     async def _load(self, name: str, validated: ValidatedAdapter) -> _Slot:
         """Load into the engine under a fresh id and name, and warm it up.
 
-        Raises AdapterLoadFailed (the engine is left without it).
+        Raises AdapterRejected (the base model has no chat template) or AdapterLoadFailed
+        (the engine is left without it).
         """
+        # The personality's own chat prompt: this also fills the prefix cache under the
+        # new LoRA id, so the first request after the switch is not the slow one.
+        try:
+            prompt = build_prompt(
+                self._personalities[name],
+                Turn(None, "Hello!"),
+                "chat",
+                self._engine.get_tokenizer(),
+            )
+        except (ValueError, TypeError) as exc:  # transformers: no chat_template set
+            raise AdapterRejected(
+                "no_chat_template",
+                f"adapters are served with the base model's chat template, and "
+                f"{self._base.display_name} has none: {exc}",
+            ) from None
         lora_id = next(self._ids)
         ref = AdapterRef(f"{name}-{lora_id}-{self._replica}", lora_id, validated.path)
         try:
             await self._engine.add_adapter(ref)
         except EngineError as exc:
             raise AdapterLoadFailed(exc.message, loc=("body", "path")) from exc
-        # The personality's own chat prompt: this also fills the prefix cache under the
-        # new LoRA id, so the first request after the switch is not the slow one.
-        prompt = build_prompt(
-            self._personalities[name], Turn(None, "Hello!"), "chat", self._engine.get_tokenizer()
-        )
         warm = GenerationRequest(
             prompt=prompt,
             max_tokens=1,
