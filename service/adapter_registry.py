@@ -27,14 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from service.adapter_validation import (
-    AdapterRejected,
-    BaseModelInfo,
-    ValidatedAdapter,
-    validate_adapter,
-)
+from service.adapter_validation import BaseModelInfo, ValidatedAdapter, validate_adapter
 from service.engine import AdapterRef, Engine, GenerationRequest
 from service.errors import (
+    AdapterLoadFailed,
+    AdapterRejected,
     EngineError,
     FastResponseError,
     RegistryUnavailable,
@@ -49,13 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: Longest the warm-up generation of a new adapter may take before the swap is refused.
 SWAP_WARM_UP_TIMEOUT_S = 60.0
-
-
-class AdapterLoadFailed(FastResponseError):
-    """The engine refused or failed to warm up a valid adapter (502); nothing changed."""
-
-    status_code = 502
-    error_type = "adapter_load_failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.errors import FastResponseError
+from service.errors import AdapterRejected
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,16 +38,6 @@ _LORA_TENSOR = re.compile(
 )
 #: 2-D weights that are not linear layers a LoRA can target in vLLM.
 _NOT_LINEAR = frozenset({"embed_tokens", "wte", "word_embeddings"})
-
-
-class AdapterRejected(FastResponseError):
-    """The adapter failed a check (422); `error_type` names the check, `loc` the field."""
-
-    status_code = 422
-
-    def __init__(self, check: str, message: str, loc: tuple[str | int, ...] = ("body", "path")):
-        super().__init__(message, loc)
-        self.error_type = check
 
 
 @dataclass(frozen=True, slots=True)

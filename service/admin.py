@@ -21,25 +21,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.adapter_registry import AdapterRegistry
-from service.errors import FastResponseError
+from service.errors import AdminForbidden, AdminUnauthorized
 from service.schemas import ErrorResponse, Identifier
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class AdminUnauthorized(FastResponseError):
-    """No bearer token was sent (401)."""
-
-    status_code = 401
-    error_type = "unauthorized"
-
-
-class AdminForbidden(FastResponseError):
-    """The bearer token is wrong, or the admin API is disabled (403)."""
-
-    status_code = 403
-    error_type = "forbidden"
 
 
 _bearer = HTTPBearer(auto_error=False)

@@ -79,7 +79,8 @@ def serve(
         deadline_ms=deadline_ms,
         personalities_file=personalities_file,
     )
-    from service.adapter_validation import AdapterRejected, BaseModelInfo, validate_adapter
+    from service.adapter_validation import BaseModelInfo, validate_adapter
+    from service.errors import AdapterRejected
     from service.personalities import ManifestError, load_personalities
 
     model_dir = settings.resolved_model()

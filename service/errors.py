@@ -71,6 +71,37 @@ class RegistryUnavailable(FastResponseError):
     error_type = "registry_unavailable"
 
 
+class AdapterRejected(FastResponseError):
+    """The adapter failed a check (422); `error_type` names the check, `loc` the field."""
+
+    status_code = 422
+
+    def __init__(self, check: str, message: str, loc: tuple[str | int, ...] = ("body", "path")):
+        super().__init__(message, loc)
+        self.error_type = check
+
+
+class AdapterLoadFailed(FastResponseError):
+    """The engine refused or failed to warm up a valid adapter (502); nothing changed."""
+
+    status_code = 502
+    error_type = "adapter_load_failed"
+
+
+class AdminUnauthorized(FastResponseError):
+    """No bearer token was sent (401)."""
+
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class AdminForbidden(FastResponseError):
+    """The bearer token is wrong, or the admin API is disabled (403)."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
 def _json_error(status: int, loc: list[str | int], msg: str, error_type: str) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"detail": [{"loc": loc, "msg": msg, "type": error_type}]}

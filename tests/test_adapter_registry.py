@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from adapters.random_lora import make_random_lora
-from service.adapter_registry import AdapterLoadFailed, AdapterRegistry
-from service.adapter_validation import AdapterRejected, BaseModelInfo
+from service.adapter_registry import AdapterRegistry
+from service.adapter_validation import BaseModelInfo
 from service.engine import AdapterRef, GenerationRequest, GenerationResult
-from service.errors import EngineError
+from service.errors import AdapterLoadFailed, AdapterRejected, EngineError
 from service.metrics import Metrics
 from service.personalities import Personality
 from service.registry_store import InMemoryRegistryStore

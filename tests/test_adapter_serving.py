@@ -14,8 +14,8 @@ from typing import Any, cast
 import pytest
 
 from adapters.random_lora import make_random_lora
-from service.adapter_validation import AdapterRejected
 from service.engine import AdapterRef, Engine, GenerationRequest, GenerationResult
+from service.errors import AdapterRejected
 from service.personalities import load_personalities
 from service.prompts import Turn, build_prompt
 from tests.conftest import engine_settings, serve

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from service.adapter_validation import (
-    AdapterRejected,
     BaseModelInfo,
     adapter_version,
     validate_adapter,
 )
+from service.errors import AdapterRejected
 from tests.adapter_factory import BROKEN_KINDS, break_adapter, make_lora
 
 MAX_RANK = 16
