@@ -316,6 +316,7 @@ class AdapterRegistry:
         try:
             await self._engine.add_adapter(ref)
         except EngineError as exc:
+            await self._unload(ref)  # vLLM may keep the id of a load that failed midway
             raise AdapterLoadFailed(exc.message, loc=("body", "path")) from exc
         warm = GenerationRequest(
             prompt=prompt,

@@ -11,7 +11,8 @@ An adapter is refused, with an `AdapterRejected` (422) naming the failed check, 
 - neither its `target_modules` nor its LoRA tensors touch one of the base model's
   linear layers, or every `lora_B` is zero, so it would change nothing (`no_target_modules`,
   `adapter_changes_nothing`);
-- its weights cannot be read (`weights_corrupt`) or hold NaN/inf (`weights_not_finite`).
+- its weights cannot be read (`weights_corrupt`), hold NaN/inf (`weights_not_finite`),
+  or do not fit the shape of the layer they adapt (`weights_shape_mismatch`).
 
 Validation only reads files; it is synchronous and may take a second for a large
 adapter, so async callers run it in a thread.
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ class BaseModelInfo:
     display_name: str
     names: frozenset[str]
     linear_modules: frozenset[str]
+    linear_shapes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """module -> (out_features, in_features); empty: shapes are not checked."""
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> BaseModelInfo:
@@ -65,7 +68,7 @@ class BaseModelInfo:
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
-        linear: set[str] = set()
+        linear: dict[str, tuple[int, int]] = {}
         for file in files:
             with safe_open(str(file), framework="pt") as weights:
                 for key in weights.keys():  # noqa: SIM118 - safe_open is not a Mapping
@@ -74,8 +77,9 @@ class BaseModelInfo:
                     module = key.removesuffix(".weight")
                     if module.rsplit(".", 1)[-1] in _NOT_LINEAR:
                         continue
-                    if len(weights.get_slice(key).get_shape()) == 2:
-                        linear.add(module)
+                    shape = weights.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        linear[module] = (int(shape[0]), int(shape[1]))
         names = {str(model_dir), str(model_dir.resolve()), model_dir.name}
         marker = model_dir / MODEL_MARKER
         if marker.is_file():
@@ -86,6 +90,7 @@ class BaseModelInfo:
             display_name=model_dir.name,
             names=frozenset(name.lower() for name in names),
             linear_modules=frozenset(linear),
+            linear_shapes=linear,
         )
 
     def matches(self, base_model_name_or_path: str) -> bool:
@@ -167,7 +172,7 @@ def validate_adapter(
             "no_target_modules",
             f"target_modules {list(target_modules)} match none of the base model's linear layers",
         )
-    tensor_ranks, changes_something = _check_weights(path, base.linear_modules)
+    tensor_ranks, changes_something = _check_weights(path, base)
     rank = max([_config_rank(config), *tensor_ranks])
     if rank > max_lora_rank:
         raise AdapterRejected(
@@ -247,11 +252,12 @@ def _targets_any(targets: object, modules: Iterable[str]) -> bool:
     )
 
 
-def _check_weights(path: Path, linear_modules: frozenset[str]) -> tuple[list[int], bool]:
+def _check_weights(path: Path, base: BaseModelInfo) -> tuple[list[int], bool]:
     """(the LoRA rank of each lora_A tensor, whether any lora_B is non-zero).
 
-    Raises AdapterRejected for unreadable or non-finite weights, or LoRA tensors that
-    target no linear layer of the base model.
+    Raises AdapterRejected for unreadable or non-finite weights, LoRA tensors that
+    target no linear layer of the base model, or that do not fit its shape
+    (lora_A is rank x in_features, lora_B out_features x rank).
     """
     import torch
     from safetensors import SafetensorError
@@ -271,7 +277,22 @@ def _check_weights(path: Path, linear_modules: frozenset[str]) -> tuple[list[int
         lora = _LORA_TENSOR.match(key)
         if lora is None:
             continue
-        matched = matched or lora["module"] in linear_modules
+        module = lora["module"]
+        matched = matched or module in base.linear_modules
+        expected = base.linear_shapes.get(module)
+        if expected is not None and tensor.dim() == 2:
+            out_features, in_features = expected
+            fits = (
+                tensor.shape[1] == in_features
+                if lora["ab"] == "A"
+                else tensor.shape[0] == out_features
+            )
+            if not fits:
+                raise AdapterRejected(
+                    "weights_shape_mismatch",
+                    f"{file}: {key} has shape {list(tensor.shape)}, which does not fit "
+                    f"{module} ({out_features} x {in_features}) of the base model",
+                )
         if lora["ab"] == "A" and tensor.dim() == 2:
             ranks.append(int(tensor.shape[0]))
         elif lora["ab"] == "B" and bool(tensor.any()):

@@ -12,6 +12,7 @@ the token is never logged.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -68,10 +69,11 @@ RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 class AdapterLoadRequest(BaseModel):
     """`PUT /admin/personalities/{name}/adapter` body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    path: str = Field(min_length=1, max_length=4096)
-    """Absolute path of the PEFT LoRA adapter folder, readable by the engine."""
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")
+    """Absolute path of the PEFT LoRA adapter folder, readable by the engine; no control
+    characters. Stored normalised (`/a/./b/../c` is `/a/c`)."""
     version: Identifier | None = None
     """Version reported in responses; default: the adapter's `fastresp_card.json`
     version, else its folder name."""
@@ -100,7 +102,7 @@ async def put_adapter(
     logger.info("admin: load %s for %s (from %s)", body.path, name, _client(request))
     active = await registry.activate(
         name,
-        Path(body.path),
+        Path(os.path.normpath(body.path)),  # noqa: ASYNC240 - a pure string operation
         body.version,
         allow_base_model_mismatch=body.allow_base_model_mismatch,
     )

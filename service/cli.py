@@ -65,7 +65,9 @@ def serve(
     FASTRESP_ENGINE_URLS (see `fastresp engine serve`).
 
     Every option can also be set as an environment variable FASTRESP_<NAME>
-    (see the README for the full list).
+    (see the README for the full list). FASTRESP_ADMIN_TOKEN enables the admin API
+    that hot-swaps adapters; FASTRESP_REDIS_URL shares the active adapter versions
+    between gateway replicas (without it they are kept in memory).
     """
     import uvicorn
 

@@ -22,6 +22,7 @@ BROKEN_KINDS: dict[str, str] = {
     "target_modules_match_nothing": "no_target_modules",
     "corrupt_safetensors": "weights_corrupt",
     "nan_weights": "weights_not_finite",
+    "wrong_shape": "weights_shape_mismatch",
     "zero_lora_b": "adapter_changes_nothing",
 }
 
@@ -68,6 +69,11 @@ def break_adapter(base_model: Path, valid: Path, kind: str, out_dir: Path) -> Pa
     elif kind == "corrupt_safetensors":
         data = weights_file.read_bytes()
         weights_file.write_bytes(data[: len(data) // 2])  # truncated mid-tensor
+    elif kind == "wrong_shape":  # one lora_A three columns too wide for its layer
+        tensors = load_file(str(weights_file))
+        key = sorted(k for k in tensors if "lora_A" in k)[0]
+        tensors[key] = torch.cat([tensors[key], torch.ones(tensors[key].shape[0], 3)], dim=1)
+        save_file(tensors, str(weights_file))
     elif kind == "nan_weights":
         tensors = load_file(str(weights_file))
         first = sorted(tensors)[0]

@@ -88,8 +88,9 @@ async def hot_swap_under_load(
     duration_s: float = 20.0,
     swap_count: int = 10,
 ) -> int:
-    """`clients` clients ask for `name` for `duration_s` while its adapter is swapped
-    `swap_count` times between the alpha and beta signature adapters.
+    """`clients` clients ask for `name` for `duration_s` (longer if the swaps take
+    longer) while its adapter is swapped `swap_count` times between the alpha and beta
+    signature adapters.
 
     Asserts: no request failed or fell back; every response's text is the signature
     of the version it reports; that version was active at some moment between the
@@ -101,8 +102,12 @@ async def hot_swap_under_load(
     results: list[tuple[float, float, httpx.Response]] = []
     stop_at = time.perf_counter() + duration_s
 
+    swapping = True
+
     async def client_loop() -> None:
-        while time.perf_counter() < stop_at:
+        # At least `duration_s`, and on until the last swap: on a slow machine the
+        # swaps may take longer, and traffic must span every one of them.
+        while swapping or time.perf_counter() < stop_at:
             sent = time.perf_counter()
             response = await client.post("/fast-response", json={"personality": name, **TURN})
             results.append((sent, time.perf_counter(), response))
@@ -117,8 +122,16 @@ async def hot_swap_under_load(
             response = await put_adapter(client, name, adapters[kind], version)
             assert response.status_code == 200, response.text
             swaps.append(Swap(version, started, time.perf_counter()))
+        await asyncio.sleep(duration_s / (swap_count + 1))  # traffic on the last version too
 
-    await asyncio.gather(swapper(), *(client_loop() for _ in range(clients)))
+    async def swap_then_stop() -> None:
+        nonlocal swapping
+        try:
+            await swapper()
+        finally:
+            swapping = False
+
+    await asyncio.gather(swap_then_stop(), *(client_loop() for _ in range(clients)))
 
     assert len(swaps) == swap_count + 1
     failed = [r for _, _, r in results if r.status_code != 200 or r.json()["source"] != "model"]
@@ -135,5 +148,5 @@ async def hot_swap_under_load(
         during = {s.version for s in swaps if s.started <= received and s.ended >= sent}
         assert version in {before} | during, (version, before, during)
     print(f"\nhot swap: {len(results)} requests, {len(seen_versions)} versions served, 0 failed")
-    assert len(seen_versions) >= swap_count  # traffic really spanned the swaps
+    assert len(seen_versions) == swap_count + 1  # traffic really spanned every swap
     return len(results)

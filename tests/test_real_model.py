@@ -27,7 +27,9 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.realmodel
 
-START_TIMEOUT_S = 300
+#: gemma-3-270m's engine started in about 50 s and warmed up in 11-13 s on this 2-core
+#: machine; a CI run that shared the cores with other jobs needed over 300 s.
+START_TIMEOUT_S = 600
 
 
 def _fastresp() -> str:
