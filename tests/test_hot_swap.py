@@ -113,6 +113,29 @@ async def test_put_and_delete_switch_between_adapter_and_base_model(
     assert active["adapter_name"] not in await engine.loaded_adapters()
 
 
+async def test_admin_body_is_strict_and_paths_are_normalised(
+    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
+) -> None:
+    url = "/admin/personalities/p1/adapter"
+    alpha = str(signature_adapters["alpha"])
+    loose = {"path": alpha, "allow_base_model_mismatch": "yes"}
+    response = await gateway.put(url, json=loose, headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "allow_base_model_mismatch"]
+    control = await gateway.put(url, json={"path": alpha + "\x00"}, headers=AUTH)
+    assert control.status_code == 422
+    assert control.json()["detail"][0]["loc"] == ["body", "path"]
+    detour = str(
+        signature_adapters["alpha"].parent
+        / ".."
+        / signature_adapters["alpha"].parent.name
+        / "alpha"
+    )
+    loaded = await gateway.put(url, json={"path": detour}, headers=AUTH)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["active"]["path"] == alpha
+
+
 async def test_unknown_personality_gets_404(
     gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
 ) -> None:
