@@ -224,7 +224,9 @@ def _rss_bytes() -> int:
 
 
 async def test_memory_over_50_load_unload_cycles(
-    gateway: httpx.AsyncClient, signature_adapters: dict[str, Path]
+    gateway: httpx.AsyncClient,
+    signature_adapters: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # One cycle first, so one-off allocations (the LoRA slots) are in the baseline.
     assert (await put_adapter(gateway, "p3", signature_adapters["gamma"])).status_code == 200
@@ -239,10 +241,11 @@ async def test_memory_over_50_load_unload_cycles(
         assert deleted.status_code == 200
     after = _rss_bytes()
     growth_mb = (after - before) / 1e6
-    print(
-        f"\nRSS before {before / 1e6:.0f} MB, after 50 cycles {after / 1e6:.0f} MB, "
-        f"growth {growth_mb:+.0f} MB"
-    )
+    with capsys.disabled():  # in the test output even when pytest captures
+        print(
+            f"\nRSS before {before / 1e6:.0f} MB, after 50 cycles {after / 1e6:.0f} MB, "
+            f"growth {growth_mb:+.0f} MB"
+        )
     assert growth_mb < 200
 
 
