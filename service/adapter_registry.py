@@ -154,7 +154,7 @@ class AdapterRegistry:
         finally:
             slot.leases -= 1
             if slot.retired and slot.leases == 0:
-                self._unload_later(slot)
+                self._unload_later(slot.adapter.ref)
 
     # -- changing ----------------------------------------------------------------
 
@@ -193,7 +193,7 @@ class AdapterRegistry:
                 try:
                     record = await self._store.publish(name, str(path), validated.version)
                 except BaseException:
-                    self._unload_later(slot)
+                    self._unload_later(slot.adapter.ref)
                     raise
                 self._switch(state, slot, record.revision)
         except BaseException as exc:
@@ -336,6 +336,9 @@ class AdapterRegistry:
                 f"adapter {validated.path} loaded but its warm-up generation failed: {exc}",
                 loc=("body", "path"),
             ) from exc
+        except BaseException:  # cancelled (shutdown): do not leave it in the engine
+            self._unload_later(ref)
+            raise
         adapter = ActiveAdapter(
             personality=name,
             version=validated.version,
@@ -355,10 +358,10 @@ class AdapterRegistry:
         if previous is not None:
             previous.retired = True
             if previous.leases == 0:
-                self._unload_later(previous)
+                self._unload_later(previous.adapter.ref)
 
-    def _unload_later(self, slot: _Slot) -> None:
-        task = asyncio.get_running_loop().create_task(self._unload(slot.adapter.ref))
+    def _unload_later(self, ref: AdapterRef) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload(ref))
         self._removals.add(task)
         task.add_done_callback(self._removals.discard)
 
