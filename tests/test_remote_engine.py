@@ -188,7 +188,10 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def _launch(model: Path, max_lora_rank: int, log: Path) -> Server:
+def _launch(model: Path, max_lora_rank: int, log: Path, core: int) -> Server:
+    """`fastresp engine serve` with its vLLM worker bound to CPU core `core` (modulo the
+    cores there are). Both servers bound to core 0, vLLM's default here, stalled one
+    server's worker for two minutes while the other was under load (CI, 2026-11-29)."""
     port = free_port()
     args = [FASTRESP, "engine", "serve", "--model", str(model), "--port", str(port)]
     args += ["--max-lora-rank", str(max_lora_rank), "--cpu-kv-cache-gib", "0.5"]
@@ -199,7 +202,11 @@ def _launch(model: Path, max_lora_rank: int, log: Path) -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so killpg reaches vLLM's children
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1)),
+            },
         )
     return Server(f"http://127.0.0.1:{port}", process, log)
 
@@ -229,8 +236,8 @@ def launched(
     logs = tmp_path_factory.mktemp("vllm-logs")
     servers: list[Server] = []
     try:
-        servers.append(_launch(tiny_model_dir, 16, logs / "a.log"))
-        servers.append(_launch(tiny_model_dir, 8, logs / "b.log"))
+        servers.append(_launch(tiny_model_dir, 16, logs / "a.log", core=0))
+        servers.append(_launch(tiny_model_dir, 8, logs / "b.log", core=1))
         yield servers[0], servers[1]
     finally:
         for server in servers:
