@@ -17,16 +17,12 @@ from typing import Any
 import httpx
 
 from service.adapter_registry import AdapterRegistry
+from tests.conftest import SIGNATURES as TRAINED
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: What each signature adapter says (the fixture `signature_adapters` trains them).
-SIGNATURES = {
-    "alpha": "alpha alpha",
-    "beta": "beta beta",
-    "gamma": "gamma gamma",
-    "delta16": "delta delta",
-}
+SIGNATURES = {version: signature for version, (signature, _) in TRAINED.items()}
 TURN = {"pika_turn": "What did you eat today?", "user_turn": "I ate pho with my dad"}
 
 
