@@ -14,10 +14,8 @@ last test kills A, so they come last.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -45,9 +43,12 @@ from tests.swap_scenarios import (
     registry_of,
     write_manifest,
 )
-
-FASTRESP = str(Path(sys.executable).parent / "fastresp")
-SERVER_START_TIMEOUT_S = 420.0
+from tests.vllm_servers import (
+    SERVER_START_TIMEOUT_S,
+    Server,
+    launch_engine_server,
+    wait_healthy,
+)
 
 
 def remote_settings(model: Path, urls: list[str], **overrides: object) -> Settings:
@@ -173,61 +174,6 @@ def test_server_flags_match_the_in_process_engine_args(tiny_model_dir: Path) -> 
 # -- two real vLLM servers --------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Signal the server's whole process group (API server, engine core, worker)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def _launch(model: Path, max_lora_rank: int, log: Path, core: int) -> Server:
-    """`fastresp engine serve` with its vLLM worker bound to CPU core `core` (modulo the
-    cores there are). Both servers bound to core 0, vLLM's default here, stalled one
-    server's worker for two minutes while the other was under load (CI, 2026-11-29)."""
-    port = free_port()
-    args = [FASTRESP, "engine", "serve", "--model", str(model), "--port", str(port)]
-    args += ["--max-lora-rank", str(max_lora_rank), "--cpu-kv-cache-gib", "0.5"]
-    args += ["--max-model-len", "2048", "--enforce-eager", "--", "--disable-uvicorn-access-log"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so killpg reaches vLLM's children
-            env={
-                **os.environ,
-                "HF_HUB_OFFLINE": "1",
-                "VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1)),
-            },
-        )
-    return Server(f"http://127.0.0.1:{port}", process, log)
-
-
-def _wait_healthy(servers: list[Server], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(servers)
-    while pending:
-        for server in list(pending):
-            if server.process.poll() is not None:
-                pytest.fail(f"vLLM server {server.url} exited:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    pending.remove(server)
-            except httpx.TransportError:
-                pass
-        if pending and time.monotonic() > deadline:
-            pytest.fail(f"vLLM server {pending[0].url} not healthy in {timeout_s:g} s")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def launched(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -236,8 +182,8 @@ def launched(
     logs = tmp_path_factory.mktemp("vllm-logs")
     servers: list[Server] = []
     try:
-        servers.append(_launch(tiny_model_dir, 16, logs / "a.log", core=0))
-        servers.append(_launch(tiny_model_dir, 8, logs / "b.log", core=1))
+        servers.append(launch_engine_server(tiny_model_dir, 16, logs / "a.log", core=0))
+        servers.append(launch_engine_server(tiny_model_dir, 8, logs / "b.log", core=1))
         yield servers[0], servers[1]
     finally:
         for server in servers:
@@ -271,7 +217,7 @@ def loras(
 @pytest.fixture(scope="module")
 def servers(launched: tuple[Server, Server], loras: Loras) -> tuple[Server, Server]:
     started = time.monotonic()
-    _wait_healthy(list(launched), SERVER_START_TIMEOUT_S)
+    wait_healthy(list(launched), SERVER_START_TIMEOUT_S)
     print(f"both vLLM servers healthy {time.monotonic() - started:.1f} s after the LoRAs")
     return launched
 
