@@ -12,6 +12,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from service.cli_data import app as data_app
+from service.cli_loadtest import loadtest as loadtest_command
+
 app = typer.Typer(
     help="Pika fast response: serve the gateway, prepare models, replay real conversations.",
     no_args_is_help=True,
@@ -24,6 +27,8 @@ engine_app = typer.Typer(
     "FASTRESP_ENGINE_URLS."
 )
 app.add_typer(engine_app, name="engine")
+app.add_typer(data_app, name="data")
+app.command(name="loadtest")(loadtest_command)
 
 
 def _fail(message: str) -> None:

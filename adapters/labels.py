@@ -1,0 +1,223 @@
+"""Labelled rows: the output of `fastresp data label`, and its resumable JSON Lines file.
+
+A *labelled row* is one (triple, personality) pair with the fast responses a labeller
+proposed for it, after the text filters (`service.text_checks`)::
+
+    {"id": "<triple id>|<personality>", "triple_id": str, "source": str,
+     "lesson_id": str | null, "pika_turn": str | null, "user_turn": str,
+     "main_response": str | null,          # as given to the model (tutor-openers strip the opener)
+     "personality": str, "labeler": "teacher" | "tutor-openers",
+     "prompt_version": str,                 # e.g. "teacher-v1", "tutor-openers-v1"
+     "status": "accepted" | "rejected",
+     "fast_response": str | null,           # the best passing candidate; null when rejected
+     "alternatives": [str],                 # the other passing candidates
+     "rejected": [{"text": str, "reasons": [str]}],   # candidates that failed, by filter name
+     "reason": str | null,                  # why the row was rejected (below), else null
+     "teacher": {...} | null}               # teacher model, base URL, token usage
+
+Row-level rejection reasons: ``no_candidate_passed`` (every candidate failed a filter),
+``no_opener`` (tutor-openers: the main response does not open with a short
+acknowledgement), ``unparsable_reply`` and ``teacher_error`` (teacher labeller; the
+detail goes in ``teacher``).
+
+Rejected rows are written too, so a re-run knows they are done and the summary can
+count them. `LabelWriter` appends one row per line and flushes it, so a killed run
+loses at most the rows in flight; `done_ids` reads a file back (ignoring a torn last
+line) so a re-run skips what is done and never writes an id twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.sources import Triple
+
+Labeler = Literal["teacher", "tutor-openers"]
+"""The labellers `fastresp data label --labeler` offers."""
+
+LABELERS: tuple[str, ...] = ("teacher", "tutor-openers")
+
+
+class RejectedCandidate(BaseModel):
+    """A candidate fast response and the names of the filters it failed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+    reasons: list[str] = Field(min_length=1)
+
+
+class LabeledRow(BaseModel):
+    """One (triple, personality) pair with its chosen fast response (see module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    triple_id: str
+    source: str
+    lesson_id: str | None
+    pika_turn: str | None
+    user_turn: str
+    main_response: str | None
+    personality: str
+    labeler: Labeler
+    prompt_version: str
+    status: Literal["accepted", "rejected"]
+    fast_response: str | None
+    alternatives: list[str] = Field(default_factory=list)
+    rejected: list[RejectedCandidate] = Field(default_factory=list)
+    reason: str | None = None
+    teacher: dict[str, Any] | None = None
+
+
+def row_id(triple_id: str, personality: str) -> str:
+    """The labelled row's id: stable for the same triple and personality."""
+    return f"{triple_id}|{personality}"
+
+
+def base_fields(triple: Triple, personality: str) -> dict[str, Any]:
+    """The row fields a labeller copies from `triple` (main_response as in the triple)."""
+    return {
+        "id": row_id(triple.id, personality),
+        "triple_id": triple.id,
+        "source": triple.source,
+        "lesson_id": triple.lesson_id,
+        "pika_turn": triple.pika_turn,
+        "user_turn": triple.user_turn,
+        "main_response": triple.main_response,
+        "personality": personality,
+    }
+
+
+def read_rows(path: Path) -> Iterator[LabeledRow]:
+    """The valid rows of a labelled JSON Lines file, in file order.
+
+    A line that is not a valid row (a torn last line of a killed run) is skipped.
+    A missing file yields nothing.
+    """
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                yield LabeledRow.model_validate_json(line)
+            except ValidationError:
+                continue
+
+
+def done_ids(path: Path) -> set[str]:
+    """Ids of the rows already in `path` (empty when the file does not exist)."""
+    return {row.id for row in read_rows(path)}
+
+
+class LabelWriter:
+    """Appends `LabeledRow`s to a JSON Lines file, one flushed (and fsynced) line each.
+
+    Opening repairs a torn last line left by a killed run (the partial line is cut
+    off, so the next row starts on a line of its own). `write` refuses an id already
+    in the file or written before, so a re-run never duplicates a row.
+
+    Raises:
+        ValueError: `write` of an id that is already done.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(path)
+        self.done = done_ids(path)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, row: LabeledRow) -> None:
+        if row.id in self.done:
+            raise ValueError(f"row {row.id!r} is already in {self.path}")
+        self._file.write(row.model_dump_json() + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done.add(row.id)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate `path` after its last newline when the final line is incomplete JSON."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    last_newline = data.rfind(b"\n")
+    tail = data[last_newline + 1 :]
+    try:
+        json.loads(tail)
+    except ValueError:
+        with path.open("r+b") as file:
+            file.truncate(last_newline + 1)
+        return
+    with path.open("ab") as file:  # a complete last row without its newline
+        file.write(b"\n")
+
+
+class LabelSummary(BaseModel):
+    """What one `fastresp data label` run did (printed at the end, and by tests).
+
+    `rejections` counts by reason: filter names for rejected candidates, plus the
+    row-level reasons (``no_candidate_passed``, ``no_opener``, ``unparsable_reply``,
+    ``teacher_error``). `acceptance_rate` is accepted rows / labelled rows this run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = 0
+    """Rows labelled and written by this run (accepted + rejected)."""
+    accepted: int = 0
+    rejected: int = 0
+    skipped_done: int = 0
+    """Rows already in the output file from an earlier run, not labelled again."""
+    candidates: int = 0
+    """Candidate fast responses seen (the teacher's K per row; 1 per row for tutor-openers)."""
+    candidates_passed: int = 0
+    rejections: dict[str, int] = Field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.rows if self.rows else 0.0
+
+    def count(self, row: LabeledRow) -> None:
+        """Add one written row to the totals."""
+        self.rows += 1
+        if row.status == "accepted":
+            self.accepted += 1
+        else:
+            self.rejected += 1
+        if row.reason is not None:
+            self.rejections[row.reason] = self.rejections.get(row.reason, 0) + 1
+        passed = (1 if row.fast_response is not None else 0) + len(row.alternatives)
+        self.candidates += passed + len(row.rejected)
+        self.candidates_passed += passed
+        for candidate in row.rejected:
+            for reason in candidate.reasons:
+                self.rejections[reason] = self.rejections.get(reason, 0) + 1
