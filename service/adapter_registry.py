@@ -37,7 +37,7 @@ from service.errors import (
     RegistryUnavailable,
     UnknownPersonality,
 )
-from service.metrics import Metrics
+from service.metrics import BASE_ADAPTER, BASE_VERSION, Metrics
 from service.personalities import Personality
 from service.prompts import Turn, build_prompt
 from service.registry_store import AdapterRecord, RegistryStore
@@ -90,9 +90,10 @@ class _Slot:
 
 @dataclass(slots=True)
 class _State:
-    """One personality's state: its lock, its slot (None: base model), the newest
-    store revision applied."""
+    """One personality's state: its name, its lock, its slot (None: base model), the
+    newest store revision applied."""
 
+    name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     slot: _Slot | None = None
     revision: int = 0
@@ -120,7 +121,9 @@ class AdapterRegistry:
         self._max_lora_rank = max_lora_rank
         self._store = store
         self._metrics = metrics
-        self._states = {name: _State() for name in self._personalities}
+        self._states = {name: _State(name) for name in self._personalities}
+        for name in self._personalities:  # every personality starts on the base model
+            self._publish_active(name, None)
         self._ids = itertools.count(1)
         self._replica = uuid.uuid4().hex[:8]
         self._removals: set[asyncio.Task[None]] = set()
@@ -355,10 +358,20 @@ class AdapterRegistry:
         if slot is not None:
             slot.adapter = replace(slot.adapter, revision=revision)
         previous, state.slot, state.revision = state.slot, slot, revision
+        self._publish_active(state.name, slot)
         if previous is not None:
             previous.retired = True
             if previous.leases == 0:
                 self._unload_later(previous.adapter.ref)
+
+    def _publish_active(self, name: str, slot: _Slot | None) -> None:
+        """`fastresp_active_adapter_info` of `name`: the adapter folder's name and the
+        version, or none/base for the base model."""
+        if slot is None:
+            self._metrics.set_active_adapter(name, BASE_ADAPTER, BASE_VERSION)
+        else:
+            adapter = slot.adapter
+            self._metrics.set_active_adapter(name, adapter.ref.path.name, adapter.version)
 
     def _unload_later(self, ref: AdapterRef) -> None:
         task = asyncio.get_running_loop().create_task(self._unload(ref))

@@ -18,7 +18,8 @@ from service.adapter_validation import BaseModelInfo
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
 from service.fast_response import FastResponseService
-from service.metrics import Metrics
+from service.logs import configure_logging
+from service.metrics import NO_SOURCE, UNKNOWN_PERSONALITY, Metrics, outcome_of, personality_of
 from service.personalities import load_personalities
 from service.registry_store import open_registry_store
 from service.routes import router
@@ -96,6 +97,74 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
+class RequestOutcomes:
+    """ASGI middleware: count `POST /fast-response` requests that end in an error status
+    in `fastresp_requests_total{personality, source="none", outcome}`.
+
+    Answered requests (200) are counted by `FastResponseService.respond`, which knows
+    their source. This counts the rest, wherever they end: 413 and undecodable bodies
+    (`RequestBodyLimits`), 422 and 400 (request validation), 404 (unknown personality),
+    429/503 and 500 (an unhandled exception, which Starlette's outermost middleware turns
+    into 500 after it passes through here). The personality label is the body's
+    `personality` if it is a manifest name, else `_unknown`; the body read by the app
+    (at most `max_bytes`) is kept for that and parsed only for an error. A request
+    whose client went away before any response (a cancellation) is not counted.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] != "/fast-response"
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        status: int | None = None
+
+        async def keep_body() -> Message:
+            nonlocal size
+            message = await receive()
+            chunk = message.get("body", b"") if message["type"] == "http.request" else b""
+            if chunk and size <= self.max_bytes:
+                chunks.append(chunk)
+                size += len(chunk)
+            return message
+
+        async def note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, keep_body, note_status)
+        except Exception:
+            if status is None:
+                status = 500
+            raise
+        finally:
+            if status is not None and status >= 400:
+                body = b"".join(chunks) if size <= self.max_bytes else b""
+                self._count(scope, status, body)
+
+    @staticmethod
+    def _count(scope: Scope, status: int, body: bytes) -> None:
+        state = scope["app"].state
+        metrics: Metrics | None = getattr(state, "metrics", None)
+        service: FastResponseService | None = getattr(state, "service", None)
+        if metrics is None:
+            return  # the lifespan has not started (or failed)
+        known = service.personalities if service is not None else ()
+        personality = personality_of(body, known) if known else UNKNOWN_PERSONALITY
+        metrics.requests.labels(personality, NO_SOURCE, outcome_of(status)).inc()
+
+
 async def start_engine(settings: Settings) -> Engine:
     """Connect to the remote vLLM servers in `settings.engine_urls`, or, when there are
     none, start the in-process vLLM engine on `settings.resolved_model()` (imports vLLM).
@@ -137,6 +206,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 stack.push_async_callback(running.close)
             base_model = await asyncio.to_thread(BaseModelInfo.from_dir, settings.resolved_model())
             metrics = Metrics()
+            stack.callback(metrics.close)
             redis_client = None
             if settings.redis_url:
                 import redis.asyncio as redis
@@ -189,4 +259,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(admin.router)
     app.add_middleware(RequestBodyLimits, max_bytes=settings.max_body_bytes)
+    # Outermost (added last): it sees the statuses RequestBodyLimits answers itself.
+    app.add_middleware(RequestOutcomes, max_bytes=settings.max_body_bytes)
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one `fastresp serve --workers N` worker process (uvicorn's factory).
+
+    Settings come from the `FASTRESP_*` environment, where the CLI has put its options,
+    and the metrics from the `PROMETHEUS_MULTIPROC_DIR` it prepared; each worker starts
+    its own engine client and logging.
+
+    Raises:
+        pydantic.ValidationError: bad settings (the CLI checked them already).
+    """
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -65,6 +65,15 @@ def serve(
     personalities_file: Annotated[
         Path | None, typer.Option(help="Personalities YAML (default: adapters/personalities.yaml).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Gateway worker processes on the one port (default: 1). More than 1 needs "
+            "FASTRESP_ENGINE_URLS; metrics are summed over workers through "
+            "PROMETHEUS_MULTIPROC_DIR (emptied at start; a temporary directory if unset).",
+        ),
+    ] = None,
 ) -> None:
     """Start the gateway: the in-process vLLM engine, or the vLLM servers in
     FASTRESP_ENGINE_URLS (see `fastresp engine serve`).
@@ -73,19 +82,27 @@ def serve(
     (see the README for the full list). FASTRESP_ADMIN_TOKEN enables the admin API
     that hot-swaps adapters; FASTRESP_REDIS_URL shares the active adapter versions
     between gateway replicas (without it they are kept in memory).
+
+    Exit codes: 2 for bad settings (e.g. --workers above 1 without FASTRESP_ENGINE_URLS),
+    3 when a worker fails to start.
     """
+    import os
+    import shutil
+
     import uvicorn
 
     from service.app import create_app
     from service.logs import configure_logging
 
-    settings = _settings(
-        model=model,
-        host=host,
-        port=port,
-        deadline_ms=deadline_ms,
-        personalities_file=personalities_file,
-    )
+    overrides: dict[str, Any] = {
+        "model": model,
+        "host": host,
+        "port": port,
+        "deadline_ms": deadline_ms,
+        "personalities_file": personalities_file,
+        "workers": workers,
+    }
+    settings = _settings(**overrides)
     from service.adapter_validation import BaseModelInfo, validate_adapter
     from service.errors import AdapterRejected
     from service.personalities import ManifestError, load_personalities
@@ -107,14 +124,54 @@ def serve(
     except (ManifestError, FileNotFoundError) as exc:
         _fail(str(exc))
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-    )
+    from service.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    # Multi-process metrics: the directory must be set before prometheus-client is first
+    # imported in a worker (uvicorn spawns them fresh, with this environment).
+    configured = os.environ.get(MULTIPROC_ENV) or None
+    metrics_dir = None
+    if settings.workers > 1 or configured:
+        try:
+            metrics_dir = prepare_multiprocess_dir(Path(configured) if configured else None)
+        except OSError as exc:
+            _fail(f"{MULTIPROC_ENV}: cannot prepare the metrics directory: {exc}")
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    try:
+        if settings.workers == 1:
+            uvicorn.run(
+                create_app(settings),
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level,
+                log_config=None,
+                timeout_graceful_shutdown=10,
+            )
+            return
+        from uvicorn.config import STARTUP_FAILURE
+        from uvicorn.supervisors import Multiprocess
+
+        # Workers build the same Settings from the environment (`create_worker_app`).
+        for name, value in overrides.items():
+            if value is not None:
+                os.environ[f"FASTRESP_{name.upper()}"] = str(value)
+        config = uvicorn.Config(
+            "service.app:create_worker_app",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+            typer.secho("error: a worker failed to start", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=STARTUP_FAILURE)
+    finally:
+        if metrics_dir is not None and not configured:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @engine_app.command(

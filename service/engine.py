@@ -47,7 +47,10 @@ class GenerationResult:
     """What the engine produced.
 
     `finish_reason` is vLLM's: "stop" (stop string or EOS), "length" (hit
-    max_tokens) or "abort". `ttft_s` is the time to the first token in seconds.
+    max_tokens) or "abort". `output_tokens` counts the generated tokens. `ttft_s` is
+    the time from submitting the request to the engine to its first output token, in
+    seconds, measured by the caller's side of the engine (the gateway process); None
+    when no token arrived.
     """
 
     text: str

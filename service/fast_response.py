@@ -151,6 +151,9 @@ class FastResponseService:
     async def respond(self, request: FastResponseRequest) -> FastResponseResponse:
         """Answer `request` within the deadline.
 
+        Counts the answer in `fastresp_requests_total` with outcome `ok`; requests that
+        end in an error status are counted by the app (`service.app.RequestOutcomes`).
+
         Raises:
             UnknownPersonality: the personality is not served (404).
         """
@@ -208,6 +211,7 @@ class FastResponseService:
                     # repeat, and vLLM aborts every request filed under an id.
                     engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
                     result = await self._engine.generate(engine_id, generation)
+                    self._observe_generation(personality.name, result)
                     guarded = clean_fast_response(
                         result.text,
                         personality.max_words,
@@ -227,3 +231,10 @@ class FastResponseService:
             self._metrics.engine_duration.labels(personality.name).observe(
                 time.perf_counter() - engine_started
             )
+
+    def _observe_generation(self, personality: str, result: GenerationResult) -> None:
+        """Record one finished engine generation: its time to first token (when the
+        engine measured one) and its output tokens."""
+        if result.ttft_s is not None:
+            self._metrics.time_to_first_token.labels(personality).observe(result.ttft_s)
+        self._metrics.output_tokens.labels(personality).observe(result.output_tokens)

@@ -1,45 +1,198 @@
 """Every Prometheus collector of the gateway, in one place.
 
-Names use the `fastresp_` prefix and base units (seconds). Labels are bounded:
-personality (from the manifest), source, outcome and reason; never a session,
-user or request id. Each `Metrics` owns its registry, so every app (and every
-test) starts from zero.
+Names use the `fastresp_` prefix and base units (seconds, tokens). Labels are bounded:
+personality (a manifest name, or `_unknown`), source, outcome, reason, result, and the
+active adapter's folder name and version; never a session, user or request id.
+
+Two modes:
+
+- **Single process** (the default): each `Metrics` owns its registry, so every app
+  (and every test) starts from zero, and `/metrics` shows it followed by the default
+  registry (the in-process vLLM engine's `vllm:*` collectors).
+- **Multi-process** (`fastresp serve --workers N`): the environment variable
+  `PROMETHEUS_MULTIPROC_DIR` names a directory, set before any worker starts. That
+  variable makes prometheus-client keep every value in per-process files there, and
+  `/metrics` then sums the files of all workers (`MultiProcessCollector`), so any
+  worker answers with the totals of all of them. One `Metrics` per process.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+import glob
+import json
+import os
+import re
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+#: The environment variable that switches prometheus-client to multi-process mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Latency buckets in seconds, dense between 10 and 250 ms around the 100 ms P95
-#: goal, with a tail for the CPU model's 1-3 s answers and the 3 s CPU deadline.
+#: goal, with a tail for the CPU model's 1-3 s answers and the 5 s CPU deadline.
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1,
     0.11, 0.125, 0.15, 0.175, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
 )  # fmt: skip
 
+#: Output-token buckets: every count up to 6, then coarser up to 64 (a fast response is
+#: about 5-15 tokens; personalities cap `max_tokens`, 256 at most in the test manifest).
+TOKEN_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+
+#: The personality label of a request whose personality is not a manifest name (unknown,
+#: missing, or a body that does not parse), so the label stays bounded.
+UNKNOWN_PERSONALITY = "_unknown"
+
+#: The source label of a request answered with an error status.
+NO_SOURCE = "none"
+
+#: `fastresp_active_adapter_info` labels of a personality served by the base model.
+BASE_ADAPTER = "none"
+BASE_VERSION = "base"
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def multiprocess_dir() -> Path | None:
+    """The multi-process directory (`PROMETHEUS_MULTIPROC_DIR`), or None in single-process mode.
+
+    prometheus-client reads the same variable once, when it is first imported, to choose
+    how values are stored; set it before that (the CLI does) or not at all.
+    """
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def prepare_multiprocess_dir(configured: Path | None) -> Path:
+    """A directory for multi-process metrics, empty of values from earlier runs.
+
+    Args:
+        configured: a directory to use (created if missing); its `*.db` files, left by an
+            earlier run, are deleted, since their counters would otherwise be added to
+            this run's totals. Other files are left alone. None: a fresh temporary
+            directory (the caller removes it at exit).
+
+    Returns:
+        the directory, to be put into `PROMETHEUS_MULTIPROC_DIR` before workers start.
+
+    Raises:
+        OSError: the directory cannot be created or a stale file cannot be deleted.
+    """
+    if configured is None:
+        return Path(tempfile.mkdtemp(prefix="fastresp-metrics-"))
+    configured.mkdir(parents=True, exist_ok=True)
+    for stale in configured.glob("*.db"):
+        stale.unlink()
+    return configured
+
+
+def mark_dead_workers(directory: Path) -> list[int]:
+    """Drop the live-gauge files (`fastresp_in_flight_requests`,
+    `fastresp_active_adapter_info`) of worker processes that no longer exist.
+
+    A worker that exits cleanly drops its own (`Metrics.close`); this catches one that
+    crashed, which uvicorn replaces with a new process. Counters and histograms of dead
+    workers are kept: they are part of the totals.
+
+    Returns:
+        the pids whose files were dropped.
+    """
+    pids: set[int] = set()
+    for path in glob.glob(str(directory / "gauge_live*_*.db")):
+        match = _LIVE_GAUGE_FILE.fullmatch(os.path.basename(path))
+        if match is not None:
+            pids.add(int(match.group(1)))
+    dropped = sorted(pid for pid in pids if pid != os.getpid() and not _alive(pid))
+    for pid in dropped:
+        mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    return dropped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def outcome_of(status_code: int) -> str:
+    """The `outcome` label for an HTTP status: `ok` (2xx and 3xx), `client_error` (4xx)
+    or `server_error` (5xx)."""
+    if status_code >= 500:
+        return "server_error"
+    if status_code >= 400:
+        return "client_error"
+    return "ok"
+
+
+def personality_of(body: bytes, known: Collection[str]) -> str:
+    """The `personality` label of a request body: its `personality` field if that is a
+    name in `known`, else `UNKNOWN_PERSONALITY` (unknown name, missing field, or a body
+    that is not a JSON object; deep nesting included)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return UNKNOWN_PERSONALITY
+    name = parsed.get("personality") if isinstance(parsed, dict) else None
+    return name if isinstance(name, str) and name in known else UNKNOWN_PERSONALITY
+
 
 class Metrics:
-    """The gateway's collectors, registered on `registry`."""
+    """The gateway's collectors, registered on `registry`.
+
+    Build one per app (single process) or per worker process (multi-process mode,
+    decided by `PROMETHEUS_MULTIPROC_DIR` when this is built).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir()
+        self._active_labels: dict[str, tuple[str, str]] = {}  # personality -> (adapter, version)
         self.request_duration = Histogram(
             "fastresp_request_duration_seconds",
-            "Time from the start of handling (body parsed) to the response, in seconds.",
+            "Time from the start of handling (body parsed) to a 200 response, in seconds, "
+            "by personality and source (model, cache, fallback).",
             ["personality", "source"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.engine_duration = Histogram(
             "fastresp_engine_duration_seconds",
-            "Time spent waiting for the engine's generation, in seconds.",
+            "Time spent waiting for the engine's generation (all attempts of one request), "
+            "in seconds.",
             ["personality"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.time_to_first_token = Histogram(
+            "fastresp_time_to_first_token_seconds",
+            "Time from submitting one generation to the engine to its first output token, "
+            "in seconds, as the gateway sees it.",
+            ["personality"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.output_tokens = Histogram(
+            "fastresp_output_tokens",
+            "Tokens generated by one finished engine generation.",
+            ["personality"],
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
         self.requests = Counter(
             "fastresp_requests_total",
-            "Fast-response requests answered, by personality, source and outcome.",
+            "POST /fast-response requests by personality (a manifest name or _unknown), "
+            "source (model, cache, fallback; none for errors) and outcome (ok, "
+            "client_error, server_error).",
             ["personality", "source", "outcome"],
             registry=self.registry,
         )
@@ -49,9 +202,17 @@ class Metrics:
             ["personality", "reason"],
             registry=self.registry,
         )
+        self.cache_lookups = Counter(
+            "fastresp_cache_lookups_total",
+            "Response-cache lookups by result (hit, miss). No response cache exists yet, "
+            "so this stays empty.",
+            ["personality", "result"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "fastresp_in_flight_requests",
-            "Fast-response requests being handled now.",
+            "Fast-response requests being generated now (all workers together).",
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         self.adapter_swaps = Counter(
@@ -67,3 +228,51 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=self.registry,
         )
+        self.active_adapter = Gauge(
+            "fastresp_active_adapter_info",
+            "1 for the adapter serving each personality now: adapter is the adapter "
+            "folder's name and version its version (none and base: the base model).",
+            ["personality", "adapter", "version"],
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+
+    def set_active_adapter(self, personality: str, adapter: str, version: str) -> None:
+        """Make (`adapter`, `version`) the one `fastresp_active_adapter_info` series of
+        `personality`, with value 1; the personality's previous series is removed.
+
+        In multi-process mode prometheus-client cannot remove a series, so the previous
+        one is set to 0 instead; select `fastresp_active_adapter_info == 1`.
+        """
+        previous = self._active_labels.get(personality)
+        new = (adapter, version)
+        if previous == new:
+            return
+        if previous is not None:
+            if self.multiprocess_dir is None:
+                self.active_adapter.remove(personality, *previous)
+            else:
+                self.active_adapter.labels(personality, *previous).set(0)
+        self.active_adapter.labels(personality, *new).set(1)
+        self._active_labels[personality] = new
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition for `/metrics`.
+
+        Single process: this registry, then the default registry (the in-process vLLM
+        engine's collectors). Multi-process: the sum over every worker's files (dead
+        workers' live gauges dropped first); vLLM runs remotely there and exposes its own.
+        """
+        if self.multiprocess_dir is None:
+            return _generate_latest(self.registry) + _generate_latest(REGISTRY)
+        mark_dead_workers(self.multiprocess_dir)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return _generate_latest(registry)
+
+    def close(self) -> None:
+        """At a worker's shutdown (multi-process mode): drop its live gauges from the
+        totals (`mark_process_dead`). Nothing to do in single-process mode."""
+        if self.multiprocess_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                mark_process_dead(os.getpid(), str(self.multiprocess_dir))  # type: ignore[no-untyped-call]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -226,7 +227,8 @@ class RemoteEngine:
         The model is the adapter's name (`AdapterRef.name`), or the base model when
         `request.adapter` is None. `routing_key` picks the upstream (`route`; None: the
         request id, i.e. spread). Cancelling the awaiting task closes the connection,
-        which makes vLLM abort the request. `ttft_s` is always None (not streamed).
+        which makes vLLM abort the request. The completion is streamed, so `ttft_s` is
+        the time from sending it to the upstream that served it to its first token event.
 
         Raises:
             EngineError: the upstream refused or failed the request (message names it).
@@ -421,7 +423,12 @@ class RemoteEngine:
     async def _complete(
         self, upstream: _Upstream, request_id: str, request: GenerationRequest
     ) -> GenerationResult:
-        """`POST /v1/completions`. Raises: _UpstreamDown, _UpstreamRefused, EngineError."""
+        """`POST /v1/completions`, streamed, so that the time to the first token is seen
+        here: vLLM sends the first event once the first token exists (an event may carry
+        no text yet while vLLM holds back a possible stop string).
+
+        Raises: _UpstreamDown, _UpstreamRefused, EngineError.
+        """
         body: dict[str, Any] = {
             "model": request.adapter.name if request.adapter is not None else self._served_model,
             "prompt": request.prompt,
@@ -429,33 +436,62 @@ class RemoteEngine:
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stop": list(request.stop),
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if request.seed is not None:
             body["seed"] = request.seed
-        response = await _call(
-            upstream.client,
-            "POST",
-            "/v1/completions",
-            json=body,
-            headers={"X-Request-Id": request_id},
-        )
+        texts: list[str] = []
+        finish_reason: str | None = None
+        output_tokens: int | None = None
+        ttft: float | None = None
+        started = time.perf_counter()
         try:
-            payload = response.json()
-            choice = payload["choices"][0]
-            text = choice["text"]
-            finish_reason = choice.get("finish_reason")
-            output_tokens = int(payload["usage"]["completion_tokens"])
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            async with upstream.client.stream(
+                "POST", "/v1/completions", json=body, headers={"X-Request-Id": request_id}
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_status(response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank lines between events
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = _stream_event(data, upstream.url)
+                    for choice in event.get("choices") or ():
+                        if ttft is None:
+                            ttft = time.perf_counter() - started
+                        text = choice.get("text")
+                        if not isinstance(text, str):
+                            raise EngineError(
+                                f"engine upstream {upstream.url} sent a non-text completion"
+                            )
+                        texts.append(text)
+                        if choice.get("finish_reason") is not None:
+                            finish_reason = str(choice["finish_reason"])
+                    usage = event.get("usage")
+                    if isinstance(usage, dict) and "completion_tokens" in usage:
+                        output_tokens = int(usage["completion_tokens"])
+        except httpx.TransportError as exc:  # the upstream went away mid-stream
+            raise _UpstreamDown(_describe(exc)) from exc
+        except (AttributeError, TypeError, ValueError) as exc:
             raise EngineError(
-                f"engine upstream {upstream.url} sent an unexpected completion body: "
+                f"engine upstream {upstream.url} sent an unexpected completion event: "
                 f"{_describe(exc)}"
             ) from exc
-        if not isinstance(text, str):
-            raise EngineError(f"engine upstream {upstream.url} sent a non-text completion")
+        if output_tokens is None:
+            raise EngineError(
+                f"engine upstream {upstream.url} ended the completion stream without usage"
+            )
         if finish_reason == "abort":
             raise EngineError(f"engine upstream {upstream.url} aborted the request")
         return GenerationResult(
-            text=text, output_tokens=output_tokens, finish_reason=finish_reason, ttft_s=None
+            text="".join(texts),
+            output_tokens=output_tokens,
+            finish_reason=finish_reason,
+            ttft_s=ttft,
         )
 
     async def _reload_on(self, upstream: _Upstream, adapter: AdapterRef) -> None:
@@ -533,13 +569,43 @@ async def _call(
         response = await client.request(method, path, json=json, headers=headers, **extra)
     except httpx.TransportError as exc:
         raise _UpstreamDown(_describe(exc)) from exc
+    _raise_for_status(response)
+    return response
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    """Raises: _UpstreamDown (5xx), _UpstreamRefused (4xx, with vLLM's error message)."""
     if response.status_code >= 500:
         raise _UpstreamDown(f"HTTP {response.status_code}: {_error_text(response)}")
     if response.status_code >= 400:
         raise _UpstreamRefused(
             f"HTTP {response.status_code}: {_error_text(response)}", response.status_code
         )
-    return response
+
+
+def _stream_event(data: str, url: str) -> dict[str, Any]:
+    """The JSON event of one `data:` line of a vLLM completion stream.
+
+    Raises:
+        _UpstreamDown: the event is an error with a 5xx code (e.g. the engine died), so
+            the request fails over.
+        EngineError: an event that is not a JSON object, or an error event with another
+            code.
+    """
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise EngineError(f"engine upstream {url} sent a bad stream event: {exc}") from exc
+    if not isinstance(event, dict):
+        raise EngineError(f"engine upstream {url} sent a stream event that is not an object")
+    error = event.get("error")
+    if error is not None:
+        code = error.get("code") if isinstance(error, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(code, int) and code >= 500:
+            raise _UpstreamDown(f"HTTP {code} in the stream: {message}")
+        raise EngineError(f"engine upstream {url} failed the request: {message}")
+    return event
 
 
 async def _list_models(client: httpx.AsyncClient) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.engine import Engine
 from service.errors import EngineUnavailable
@@ -102,7 +102,8 @@ async def readyz(request: Request, engine: EngineDep) -> Response:
 
 @router.get("/metrics")
 async def metrics(metrics: MetricsDep) -> Response:
-    """Prometheus exposition: the gateway's `fastresp_*` collectors, then the in-process
-    vLLM engine's `vllm:*` collectors (which vLLM registers on the default registry)."""
-    payload = generate_latest(metrics.registry) + generate_latest(REGISTRY)
-    return Response(content=payload, media_type=CONTENT_TYPE_LATEST)
+    """Prometheus exposition. One process: the gateway's `fastresp_*` collectors, then
+    the in-process vLLM engine's `vllm:*` collectors (which vLLM registers on the default
+    registry). Several workers (`fastresp serve --workers N`): the `fastresp_*` totals
+    of all workers together."""
+    return Response(content=metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     """Port the HTTP server binds."""
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """Gateway worker processes (uvicorn workers) behind the one port. More than 1 needs
+    remote-engine mode (`engine_urls`): with the in-process engine each worker would start
+    its own vLLM engine. Their metrics are summed through `PROMETHEUS_MULTIPROC_DIR`."""
+
     deadline_ms: int | None = Field(default=None, ge=1, le=60_000)
     """Per-request deadline for the engine, in milliseconds. Past it the engine request
     is aborted and a fallback phrase is returned. None: 100 ms on a GPU, 5000 ms on
@@ -204,6 +209,17 @@ class Settings(BaseSettings):
             raise ValueError(f"personalities_file {self.personalities_file} does not exist")
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"model {self.model} is not a model directory (no config.json)")
+        if self.workers > 1 and not self.engine_urls:
+            raise ValueError(
+                f"workers={self.workers} needs remote-engine mode (engine_urls, "
+                "FASTRESP_ENGINE_URLS): with the in-process engine every worker would start "
+                "its own vLLM engine; scale with `fastresp engine serve` upstreams instead"
+            )
+        if self.workers > 1 and self.admin_token is not None and not self.redis_url:
+            raise ValueError(
+                f"workers={self.workers} with admin_token needs redis_url: without the shared "
+                "registry an adapter swap reaches only the one worker that takes the call"
+            )
         return self
 
     def default_model_dir(self) -> Path:

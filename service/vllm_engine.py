@@ -121,7 +121,11 @@ class VLLMEngine:
         return self._device
 
     async def generate(self, request_id: str, request: GenerationRequest) -> GenerationResult:
-        """Run one generation; cancelling the caller aborts it in vLLM (see `Engine`)."""
+        """Run one generation; cancelling the caller aborts it in vLLM (see `Engine`).
+
+        `ttft_s` runs from this call to the first streamed output that carries a token:
+        vLLM's own input processing, queueing and prefill, as the gateway sees them.
+        """
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
