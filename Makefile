@@ -60,14 +60,19 @@ serve: install
 	$(BIN)/fastresp model prepare
 	exec $(BIN)/fastresp serve
 
-# The tests start real redis-server processes (tests/conftest.py). Where none is
-# installed (the clean Debian CI machine, which runs `make test` as root) apt-get
-# installs it; elsewhere this is a no-op.
+# The tests start real redis-server processes (tests/conftest.py) and run Prometheus's
+# own tools (promtool; a real prometheus server). Where one is missing (the clean Debian
+# CI machine, which runs `make test` as root) apt-get installs its Debian package
+# (redis-server; prometheus, which ships both prometheus and promtool); elsewhere this
+# is a no-op.
 system-deps:
-	@if ! command -v redis-server >/dev/null; then \
-	  echo "redis-server is missing: installing it with apt-get (the tests run real Redis)"; \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "missing system packages:$$missing; installing them with apt-get (the tests run them for real)"; \
 	  apt-get update && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
 test: install-dev system-deps
