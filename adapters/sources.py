@@ -9,6 +9,9 @@ Readers (one per source kind, see `shared/data/README.md` for the raw formats):
 
 - `read_bridge`: the Bridge JSON list (rosewang2008/bridge, `dataset/*.json`).
 - `read_uptake`: the uptake CSV (ddemszky/conversational-uptake, `uptake_data.csv`).
+- `read_export`: the product's own conversation export (JSON Lines, one conversation a
+  line; the format is in `read_export`'s docstring, an example in
+  `tests/data/conversations.jsonl`).
 - `read_triples_jsonl`: JSON Lines of triples, e.g. written by an earlier stage.
 
 Every reader yields `Triple`s lazily, strips surrounding whitespace from every text,
@@ -24,6 +27,14 @@ skipped row is counted in the optional `skipped` counter under one of these reas
 - ``empty_user_turn``: the user turn is empty or whitespace-only.
 - ``duplicate_id``: a triple id already yielded by the same read.
 
+The export reader counts single turns as well as whole lines (see `read_export`):
+
+- ``missing_text``: a turn without ``text`` (absent or null).
+- ``empty_turn``: a turn whose text is empty or whitespace-only.
+- ``unknown_role``: a turn whose ``role`` is neither ``pika`` nor ``user``.
+- ``wrong_role_order``: a child's turn that has no Pika turn right before it or right
+  after it (the conversation opens or ends with the child).
+
 A problem with the whole file (not found, not JSON, a Bridge file that is not a list,
 a CSV without the needed columns) raises instead: `FileNotFoundError` or
 `SourceFormatError`.
@@ -37,6 +48,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Generator, Mapping
 from pathlib import Path
@@ -46,7 +58,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-SourceKind = Literal["bridge", "uptake", "jsonl"]
+SourceKind = Literal["bridge", "uptake", "export", "jsonl"]
 """The source formats `load_triples` understands."""
 
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
@@ -62,6 +74,10 @@ SkipReason = Literal[
     "missing_user_turn",
     "empty_user_turn",
     "duplicate_id",
+    "missing_text",
+    "empty_turn",
+    "unknown_role",
+    "wrong_role_order",
 ]
 
 DEFAULT_SOURCE_PATHS: Mapping[str, Path] = MappingProxyType(
@@ -71,7 +87,8 @@ DEFAULT_SOURCE_PATHS: Mapping[str, Path] = MappingProxyType(
     }
 )
 """Default file per source kind, relative to the current directory (the project root
-when run from there, where the shared data sits at `../shared/data`). `jsonl` has none."""
+when run from there, where the shared data sits at `../shared/data`). `export` and
+`jsonl` have none."""
 
 UPTAKE_COLUMNS = ("obs_id", "exchange_idx", "student_text", "teacher_text")
 """Columns of the uptake CSV that `read_uptake` needs."""
@@ -101,9 +118,11 @@ class Triple(BaseModel):
     id: str
     """Stable, unique id, e.g. ``bridge:6315993_39:1a2b3c4d5e`` or ``uptake:7:69``."""
     source: str
-    """Where the triple came from: ``bridge``, ``uptake``, or the ``source`` of a JSONL row."""
+    """Where the triple came from: ``bridge``, ``uptake``, ``export``, or the ``source``
+    of a JSONL row."""
     lesson_id: str | None = None
-    """The lesson (Bridge ``lesson_topic``, uptake ``obs_id``); None when unknown."""
+    """The lesson (Bridge ``lesson_topic``, uptake ``obs_id``, export ``lesson_id``);
+    None when unknown."""
     pika_turn: str | None = None
     """The tutor's turn the child answered; None when there is none (uptake)."""
     user_turn: str
@@ -319,6 +338,185 @@ def read_uptake(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
     return _dedup(_read_uptake(path, skipped), skipped)
 
 
+# --- the product's conversation export --------------------------------------------------
+
+_SAFE_CONVERSATION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+_Turn = tuple[Literal["pika", "user"], str] | None
+"""One export turn as (role, stripped text), or None for a bad turn (already counted)."""
+
+
+def _export_turn(turn: Any, skipped: SkipCounts | None) -> _Turn:
+    """Check one export turn; count a bad one by reason and return None for it."""
+    reason: SkipReason | None = None
+    if not isinstance(turn, dict):
+        reason = "wrong_type"
+    else:
+        role, text = turn.get("role"), turn.get("text")
+        if role is None:
+            reason = "missing_field"
+        elif not isinstance(role, str):
+            reason = "wrong_type"
+        elif role not in ("pika", "user"):
+            reason = "unknown_role"
+        elif text is None:
+            reason = "missing_text"
+        elif not isinstance(text, str):
+            reason = "wrong_type"
+        elif not text.strip():
+            reason = "empty_turn"
+        else:
+            return ("pika" if role == "pika" else "user"), text.strip()
+    _count(skipped, reason)
+    return None
+
+
+def _export_id_part(conversation_id: str) -> str:
+    """The conversation id as it goes into triple ids: itself when it is short and
+    wire-safe (``[A-Za-z0-9._-]{1,64}``), else the first 16 hex digits of its sha256."""
+    if _SAFE_CONVERSATION_ID.fullmatch(conversation_id):
+        return conversation_id
+    return hashlib.sha256(conversation_id.encode("utf-8")).hexdigest()[:16]
+
+
+def _export_triples(obj: dict[str, Any], skipped: SkipCounts | None) -> list[Triple]:
+    """The triples of one conversation object; `_Skip` when the whole line is unusable."""
+    conversation_id, lesson_id, turns = (
+        obj.get("conversation_id"),
+        obj.get("lesson_id"),
+        obj.get("turns"),
+    )
+    if conversation_id is None or turns is None:
+        raise _Skip("missing_field")
+    if not isinstance(conversation_id, str) or not isinstance(turns, list):
+        raise _Skip("wrong_type")
+    if lesson_id is not None and not isinstance(lesson_id, str):
+        raise _Skip("wrong_type")
+    if not conversation_id.strip() or not turns:
+        raise _Skip("missing_field")
+    prefix = f"export:{_export_id_part(conversation_id.strip())}"
+    checked = [_export_turn(turn, skipped) for turn in turns]
+
+    triples: list[Triple] = []
+    i = 0
+    while i < len(checked):
+        current = checked[i]
+        if current is None or current[0] != "user":
+            i += 1
+            continue
+        # A run of consecutive user turns is one child's turn (joined with a space).
+        start = i
+        user_texts: list[str] = []
+        while i < len(checked) and (turn := checked[i]) is not None and turn[0] == "user":
+            user_texts.append(turn[1])
+            i += 1
+        user_turn = " ".join(user_texts)
+        before = checked[start - 1] if start > 0 else None
+        after = checked[i] if i < len(checked) else None
+        if (start > 0 and before is None) or (i < len(checked) and after is None):
+            continue  # next to a bad turn: that turn is counted already
+        if before is None or after is None:
+            _count(skipped, "wrong_role_order")  # opens or ends the conversation
+            continue
+        # Pika's turn is the last Pika line before the child; the main response joins
+        # every Pika line up to the child's next turn (as Bridge joins `c_r_`).
+        pika_texts: list[str] = []
+        end = i
+        while end < len(checked) and (turn := checked[end]) is not None and turn[0] == "pika":
+            pika_texts.append(turn[1])
+            end += 1
+        main_response = " ".join(pika_texts)
+        triples.append(
+            Triple(
+                id=f"{prefix}:{start}",
+                source="export",
+                lesson_id=lesson_id,
+                pika_turn=before[1],
+                user_turn=user_turn,
+                main_response=main_response,
+            )
+        )
+    return triples
+
+
+def _read_export(path: Path, skipped: SkipCounts | None) -> TripleStream:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                _count(skipped, "invalid_json")
+                continue
+            if not isinstance(obj, dict):
+                _count(skipped, "not_an_object")
+                continue
+            try:
+                triples = _export_triples(obj, skipped)
+            except _Skip as skip:
+                _count(skipped, skip.reason)
+                continue
+            yield from triples
+
+
+def read_export(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
+    """Triples from the product's conversation export (JSON Lines, one conversation a line).
+
+    Format of one line (unknown keys are ignored)::
+
+        {"conversation_id": "c-001", "lesson_id": "colours-1" | null,
+         "turns": [{"role": "pika" | "user", "text": "...", "ts": "..."}, ...]}
+
+    ``ts`` is optional and not used: the turns are read in list order. Every child's
+    turn with a Pika turn right before it and a Pika turn right after it becomes one
+    triple: ``pika_turn`` is the Pika turn before, ``user_turn`` the child's turn,
+    ``main_response`` the Pika turn after.
+
+    Consecutive turns of the same role:
+
+    - several ``user`` turns in a row are one child's turn, joined with a space (a
+      speech recogniser splits one answer into pieces; Bridge joins student lines
+      the same way);
+    - several ``pika`` turns in a row: ``pika_turn`` is the last one before the child
+      (the line the child answered) and ``main_response`` joins every one after the
+      child up to the child's next turn (Pika's reply sent in pieces; Bridge joins the
+      lines of ``c_r_`` the same way).
+
+    Bad rows are skipped and counted by reason, never fatal:
+
+    - the whole line: ``invalid_json``, ``not_an_object``, ``missing_field`` (no or
+      empty ``conversation_id``, no ``turns`` or an empty list) and ``wrong_type``
+      (``conversation_id`` not text, ``turns`` not a list, ``lesson_id`` neither text
+      nor null);
+    - one turn, counted once each: ``wrong_type`` (a turn that is not an object, or a
+      ``role``/``text`` that is not text), ``missing_field`` (no ``role``),
+      ``unknown_role``, ``missing_text`` and ``empty_turn``. A bad turn is a wall,
+      not a gap: the child's turn next to it makes no triple (it is not counted a
+      second time), and the turns on either side of it are never joined or paired;
+    - ``wrong_role_order``: a child's turn (one run of user turns) that opens or ends
+      the conversation, so there is no Pika turn before or after it;
+    - ``duplicate_id``: the same triple id twice (a conversation exported twice).
+
+    Ids are ``export:{conversation_id}:{i}``, ``i`` the 0-based index in ``turns`` of
+    the child's (first) turn: the same file always gives the same ids, and a
+    conversation that grows keeps the ids of its earlier triples. A
+    ``conversation_id`` that is not 1-64 characters of ``[A-Za-z0-9._-]`` is replaced
+    by the first 16 hex digits of its sha256, so ids stay safe as request ids.
+
+    Args:
+        path: The ``.jsonl`` export, e.g. ``tests/data/conversations.jsonl``.
+        skipped: Optional counter that gets one count per skipped line or turn, by reason.
+
+    Yields:
+        The triples of each conversation, in file and turn order.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (raised on first iteration).
+    """
+    return _dedup(_read_export(path, skipped), skipped)
+
+
 # --- JSON Lines of triples ------------------------------------------------------------
 
 _REASON_ORDER: tuple[SkipReason, ...] = (
@@ -392,7 +590,7 @@ def load_triples(
     """Read up to `limit` triples of the given source kind.
 
     Args:
-        source: ``bridge``, ``uptake`` or ``jsonl``.
+        source: ``bridge``, ``uptake``, ``export`` or ``jsonl``.
         path: The source file.
         limit: Stop after this many triples; None reads them all. Rows after the
             limit are not read, so they are not counted in `skipped` either.
@@ -412,6 +610,8 @@ def load_triples(
         triples = read_bridge(path, skipped)
     elif source == "uptake":
         triples = read_uptake(path, skipped)
+    elif source == "export":
+        triples = read_export(path, skipped)
     elif source == "jsonl":
         triples = read_triples_jsonl(path, skipped)
     else:

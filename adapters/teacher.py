@@ -1,0 +1,772 @@
+"""Teacher labelling: a strong LLM proposes K candidate fast responses per triple.
+
+`label_with_teacher` sends every (triple, personality) pair to an OpenAI-compatible
+chat-completions endpoint (a vLLM server or a hosted API) with the standard prompt
+(`adapters/prompts/teacher-v1.yaml`), parses the JSON reply, runs the candidates
+through the text filters (`service.text_checks.select_candidate`) and appends one
+`LabeledRow` per pair to a resumable JSON Lines file (`adapters.labels.LabelWriter`).
+
+What a row records, beyond `adapters.labels.base_fields`:
+
+- ``labeler`` "teacher" and ``prompt_version``, the prompt file's ``version``;
+- ``status`` accepted (some candidate passed every filter: the best one is
+  ``fast_response``, the other passing ones ``alternatives``) or rejected, with
+  ``reason`` ``no_candidate_passed`` or ``unparsable_reply``;
+- ``teacher``: ``{model, base_url, prompt_sha256, prompt_tokens, completion_tokens,
+  structured_output, finish_reason, repairs}``, plus ``error`` and ``reply`` (its
+  first 500 characters) when the reply was unparsable.
+
+Failures:
+
+- 429, 5xx, 408, timeouts and connection errors are retried with exponential backoff
+  and jitter (tenacity; a ``Retry-After`` header is honoured up to the backoff cap).
+  The SDK's own retries are off, so tenacity is the only retry loop.
+- When a pair still fails after its retries, or the server refuses that one request
+  (another 4xx), **no row is written**: the pair is counted in the summary's
+  ``rejections["teacher_error"]`` (not in ``rows``) and logged, and a re-run retries
+  it. A transient failure recorded as done would never be retried.
+- 401, 403 and 404 (a bad key or an unknown model) fail every request alike, so the
+  run stops with `TeacherUnavailable`; the rows written so far stay, and a re-run
+  resumes.
+
+Resuming: ids already in the output file are skipped (``skipped_done``); rows are
+written one at a time, flushed and fsynced, so a killed run loses at most the pairs
+in flight and never writes an id twice.
+
+Only `openai`, `tenacity`, pydantic and the standard library are imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from tenacity import RetryCallState
+
+from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
+from adapters.sources import Triple
+from service.personalities import Personality
+from service.text_checks import FilterLimits, select_candidate
+
+log = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+DEFAULT_PROMPT_FILE = PROMPTS_DIR / "teacher-v1.yaml"
+"""The standard teacher prompt (see the file's header for its versioning rule)."""
+
+API_KEY_ENV_VARS: tuple[str, ...] = ("FASTRESP_TEACHER_API_KEY", "OPENAI_API_KEY")
+"""Where `TeacherConfig.resolved_api_key` looks for a key, first one set wins."""
+
+NO_API_KEY = "EMPTY"
+"""Sent when no key is configured: a local vLLM server needs none, the SDK needs a value."""
+
+NOT_KNOWN = "not known yet"
+"""The main answer as the prompt shows it when the triple has none."""
+
+NO_PIKA_TURN = "none (the conversation starts here)"
+"""Pika's previous turn as the prompt shows it when the triple has none."""
+
+REPLY_EXCERPT_CHARS = 500
+"""How much of an unparsable reply a rejected row keeps, for debugging."""
+
+StructuredMode = Literal["auto", "on", "off"]
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher refuses every request (bad API key, no permission, unknown model)."""
+
+
+class PromptFileError(ValueError):
+    """The prompt file is missing, not YAML, or lacks a field or placeholder."""
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+class TeacherConfig(BaseModel):
+    """How to reach the teacher model and how hard to drive it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str = Field(min_length=1)
+    """OpenAI-compatible API root, e.g. ``http://127.0.0.1:8100/v1`` or
+    ``https://api.openai.com/v1``."""
+    model: str = Field(min_length=1)
+    """Model name as the server knows it (vLLM: its ``--served-model-name``)."""
+    api_key: SecretStr | None = None
+    """API key; None: `FASTRESP_TEACHER_API_KEY`, then `OPENAI_API_KEY`, then none."""
+    k: int = Field(default=4, ge=1, le=16)
+    """Candidates asked for per (triple, personality)."""
+    concurrency: int = Field(default=4, ge=1, le=256)
+    """Requests in flight at once."""
+    temperature: float = Field(default=0.9, ge=0.0, le=2.0)
+    """Sampling temperature: high enough that the K candidates differ."""
+    max_tokens: int = Field(default=256, ge=1, le=8192)
+    """Longest reply in tokens (K short strings of JSON need about 20 tokens each)."""
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    """Limit for one HTTP request, in seconds; a timeout is retried."""
+    max_retries: int = Field(default=5, ge=0, le=50)
+    """Retries after the first attempt, on 429, 5xx, 408, timeouts, connection errors."""
+    backoff_initial_s: float = Field(default=1.0, gt=0.0)
+    """First backoff wait; it doubles per retry, plus up to 1 s of jitter."""
+    backoff_max_s: float = Field(default=30.0, gt=0.0)
+    """Longest backoff wait (also caps a server's Retry-After)."""
+    structured_output: StructuredMode = "auto"
+    """``response_format`` with a JSON schema: ``on`` always, ``off`` never, ``auto``
+    tries it and, if the server answers 400 to it but not to the same request without
+    it, drops it for the rest of the run."""
+    prompt_file: Path = DEFAULT_PROMPT_FILE
+    """The standard prompt file (its ``version`` goes into every row)."""
+
+    def resolved_api_key(self, environ: Mapping[str, str] | None = None) -> str:
+        """The key to send: the configured one, else the first env var set, else "EMPTY"."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        env = os.environ if environ is None else environ
+        for name in API_KEY_ENV_VARS:
+            if env.get(name):
+                return env[name]
+        return NO_API_KEY
+
+
+# --- the prompt ---------------------------------------------------------------------
+
+PLACEHOLDERS: frozenset[str] = frozenset(
+    {"k", "personality", "description", "style", "pika_turn", "user_turn", "main_response"}
+)
+_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+
+
+@dataclass(frozen=True)
+class TeacherPrompt:
+    """The standard prompt: a fixed system message and a user-message template."""
+
+    version: str
+    sha256: str
+    """SHA-256 (hex) of the prompt file's bytes."""
+    system: str
+    user_template: str
+
+    def messages(self, triple: Triple, personality: Personality, k: int) -> list[dict[str, str]]:
+        """The chat messages asking for `k` candidates for `triple` in `personality`'s voice."""
+        values = {
+            "k": str(k),
+            "personality": personality.name,
+            "description": personality.description,
+            "style": personality.style,
+            "pika_turn": triple.pika_turn or NO_PIKA_TURN,
+            "user_turn": triple.user_turn,
+            "main_response": triple.main_response or NOT_KNOWN,
+        }
+        user = _PLACEHOLDER.sub(lambda match: values[match.group(1)], self.user_template)
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+
+def load_prompt(path: Path = DEFAULT_PROMPT_FILE) -> TeacherPrompt:
+    """Read and check a teacher prompt file.
+
+    Raises:
+        PromptFileError: unreadable, not a mapping, a missing or empty field, an unknown
+            placeholder, a placeholder in ``system``, or a missing one in ``user``.
+    """
+    try:
+        data = path.read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PromptFileError(f"cannot read prompt file {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PromptFileError(f"{path}: expected a mapping with version, system and user")
+    fields: dict[str, str] = {}
+    for name in ("version", "system", "user"):
+        value = raw.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise PromptFileError(f"{path}: '{name}' must be a non-empty string")
+        fields[name] = value
+    if _PLACEHOLDER.search(fields["system"]):
+        raise PromptFileError(f"{path}: 'system' must have no placeholders (shared prefix)")
+    used = set(_PLACEHOLDER.findall(fields["user"]))
+    if used != PLACEHOLDERS:
+        unknown = ", ".join(sorted(used - PLACEHOLDERS)) or "none"
+        missing = ", ".join(sorted(PLACEHOLDERS - used)) or "none"
+        raise PromptFileError(f"{path}: 'user' placeholders: unknown {unknown}; missing {missing}")
+    return TeacherPrompt(
+        version=fields["version"].strip(),
+        sha256=hashlib.sha256(data).hexdigest(),
+        system=fields["system"],
+        user_template=fields["user"],
+    )
+
+
+def candidates_schema(k: int) -> dict[str, Any]:
+    """The ``response_format`` asking for ``{"candidates": [k strings]}``.
+
+    Only keywords that OpenAI's strict structured outputs and vLLM's guided decoding
+    (xgrammar) both accept are used; lengths are left to the filters.
+    """
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "fast_response_candidates",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "candidates": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "minItems": k,
+                        "maxItems": k,
+                    }
+                },
+                "required": ["candidates"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+# --- parsing and repair -------------------------------------------------------------
+
+_FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:\n?[ \t]*```|\Z)", re.DOTALL)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_TEXT_KEYS = ("text", "fast_response", "response", "candidate", "content")
+"""Keys whose string value is taken from an object item: [{"text": "Ooh!"}]."""
+_SINGLE_KEYS = ("fast_response", "candidate", "response")
+"""Keys holding one candidate when the reply has no "candidates" list."""
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """The candidates found in a teacher reply, or why there are none.
+
+    Attributes:
+        candidates: Non-empty, stripped, de-duplicated strings in reply order, at most
+            the `k` asked for; empty when `error` is set.
+        repairs: What was fixed to get them, e.g. ``code_fence``, ``surrounding_prose``,
+            ``bare_list``, ``string_not_list``, ``renamed_field``, ``object_items``,
+            ``dropped_items``, ``duplicates``, ``extra_candidates``, ``truncated_json``.
+        error: Why the reply is unusable (None when usable).
+    """
+
+    candidates: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _json_values(text: str) -> Iterator[tuple[Any, int, int]]:
+    """Every JSON object or array in `text` that decodes, with its (start, end) offsets."""
+    decoder = json.JSONDecoder()
+    position = 0
+    while True:
+        starts = [i for i in (text.find("{", position), text.find("[", position)) if i >= 0]
+        if not starts:
+            return
+        start = min(starts)
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            position = start + 1
+            continue
+        yield value, start, end
+        position = end
+
+
+def _find_json(text: str) -> tuple[Any, bool] | None:
+    """The JSON value in `text` and whether prose surrounded it; None when there is none.
+
+    A whole-text parse wins; otherwise the first object holding ``candidates``, else
+    the first object or array found.
+    """
+    try:
+        return json.loads(text), False
+    except json.JSONDecodeError:
+        pass
+    found = list(_json_values(text))
+    for value, _, _ in found:
+        if isinstance(value, dict) and "candidates" in value:
+            return value, True
+    if found:
+        return found[0][0], True
+    return None
+
+
+def _salvage_truncated(text: str) -> list[str] | None:
+    """Complete strings of a ``"candidates": [`` list cut off mid-reply (max_tokens)."""
+    match = re.search(r'"candidates"\s*:\s*\[', text)
+    if match is None:
+        return None
+    rest = text[match.end() :]
+    items: list[str] = []
+    position = 0
+    while True:
+        gap = re.match(r"\s*,?\s*", rest[position:])
+        position += gap.end() if gap else 0
+        string = _JSON_STRING.match(rest, position)
+        if string is None:
+            break
+        try:
+            items.append(json.loads(string.group(0)))
+        except json.JSONDecodeError:
+            break
+        position = string.end()
+    return items
+
+
+def _candidates_value(value: Any, repairs: list[str]) -> tuple[Any, str | None]:
+    """The candidates value inside a decoded JSON reply, or (None, why not)."""
+    if isinstance(value, list):
+        repairs.append("bare_list")
+        return value, None
+    if isinstance(value, str):
+        repairs.append("string_not_list")
+        return [value], None
+    if not isinstance(value, dict):
+        return None, f"reply is a JSON {type(value).__name__}, not an object"
+    if "candidates" in value:
+        return value["candidates"], None
+    lists = [item for item in value.values() if isinstance(item, list)]
+    if len(lists) == 1:
+        repairs.append("renamed_field")
+        return lists[0], None
+    for key in _SINGLE_KEYS:
+        if isinstance(value.get(key), str):
+            repairs.append("renamed_field")
+            return [value[key]], None
+    keys = ", ".join(sorted(map(str, value))) or "none"
+    return None, f"no 'candidates' field (keys: {keys})"
+
+
+def parse_reply(text: str | None, k: int | None = None) -> ParsedReply:
+    """Candidates from a teacher reply, repaired when that is safe.
+
+    Safe repairs: code fences and prose around the JSON, a bare JSON list, a single
+    string instead of a list, the list under another name when it is the object's only
+    list, ``{"text": ...}`` items, dropping non-string, empty and duplicate items, more
+    than `k` items (the first `k` are kept), and a reply cut off inside the candidates
+    list (its complete strings are kept). Anything else is an error: no JSON, JSON
+    that is not an object or list, an object with no usable field, or no candidate left.
+
+    Args:
+        text: The reply's message content (None when the server sent none).
+        k: The number asked for; None keeps every candidate.
+
+    Returns:
+        A `ParsedReply`; `error` is set when the reply is unusable. Never raises.
+    """
+    if text is None or not text.strip():
+        return ParsedReply(error="empty reply")
+    repairs: list[str] = []
+    body = text.strip()
+    fence = _FENCE.search(body)
+    if fence is not None:
+        repairs.append("code_fence")
+        if body[: fence.start()].strip() or body[fence.end() :].strip():
+            repairs.append("surrounding_prose")
+        body = fence.group(1).strip()
+    found = _find_json(body)
+    if found is None:
+        salvaged = _salvage_truncated(body)
+        if not salvaged:
+            return ParsedReply(repairs=repairs, error="no JSON object or list in the reply")
+        repairs.append("truncated_json")
+        raw: Any = salvaged
+    else:
+        decoded, surrounded = found
+        if surrounded and "surrounding_prose" not in repairs:
+            repairs.append("surrounding_prose")
+        raw, error = _candidates_value(decoded, repairs)
+        if error is not None:
+            return ParsedReply(repairs=repairs, error=error)
+    if isinstance(raw, str):
+        repairs.append("string_not_list")
+        raw = [raw]
+    if not isinstance(raw, list):
+        return ParsedReply(
+            repairs=repairs, error=f"'candidates' is a {type(raw).__name__}, not a list"
+        )
+    candidates: list[str] = []
+    seen: set[str] = set()
+    for item in raw:
+        if isinstance(item, dict):
+            texts = [item[key] for key in _TEXT_KEYS if isinstance(item.get(key), str)]
+            if not texts:
+                _note(repairs, "dropped_items")
+                continue
+            _note(repairs, "object_items")
+            item = texts[0]
+        if not isinstance(item, str):
+            _note(repairs, "dropped_items")
+            continue
+        candidate = " ".join(item.split())
+        if not candidate:
+            _note(repairs, "dropped_items")
+            continue
+        if candidate.casefold() in seen:
+            _note(repairs, "duplicates")
+            continue
+        seen.add(candidate.casefold())
+        candidates.append(candidate)
+    if not candidates:
+        return ParsedReply(repairs=repairs, error="no usable candidate (empty list)")
+    if k is not None and len(candidates) > k:
+        repairs.append("extra_candidates")
+        candidates = candidates[:k]
+    return ParsedReply(candidates=candidates, repairs=repairs)
+
+
+def _note(repairs: list[str], repair: str) -> None:
+    if repair not in repairs:
+        repairs.append(repair)
+
+
+# --- talking to the teacher ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherReply:
+    """One successful chat completion."""
+
+    content: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    structured_output: bool
+    """Whether this request was sent with ``response_format`` (and accepted)."""
+    finish_reason: str | None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """429, 408, 5xx, timeouts and connection errors; never other 4xx."""
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 429) or exc.status_code >= 500
+    return False
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """401, 403, 404: the key, the permission or the model is wrong for every request."""
+    import openai
+
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403, 404)
+
+
+def _public_url(url: str) -> str:
+    """`url` without user:password, safe to write into rows and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class TeacherClient:
+    """Chat completions against one OpenAI-compatible endpoint, with retries.
+
+    Holds the structured-output decision for the run (`structured`): None while
+    unknown (auto mode, nothing answered yet), True once the server took the schema,
+    False once it refused it.
+    """
+
+    def __init__(self, config: TeacherConfig) -> None:
+        from openai import AsyncOpenAI
+
+        self.config = config
+        self.base_url = _public_url(config.base_url)
+        self._client = AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=config.resolved_api_key(),
+            timeout=config.timeout_s,
+            max_retries=0,  # tenacity is the one retry loop
+        )
+        self.structured: bool | None = {"on": True, "off": False, "auto": None}[
+            config.structured_output
+        ]
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def complete(self, messages: list[dict[str, str]]) -> TeacherReply:
+        """One reply for `messages`, retried on transient errors.
+
+        In auto mode a 400 to a request with ``response_format`` is retried once
+        without it; if that succeeds the schema is dropped for the rest of the run,
+        if it fails too the 400 is the request's own and is raised.
+
+        Raises:
+            openai.APIError: after the retries (or at once for a non-retryable status).
+        """
+        import openai
+
+        use_schema = self.structured is not False
+        try:
+            reply = await self._with_retries(messages, use_schema)
+        except openai.BadRequestError:
+            if not use_schema or self.config.structured_output != "auto":
+                raise
+            reply = await self._with_retries(messages, False)
+            if self.structured is None:
+                log.warning(
+                    "teacher %s refused response_format json_schema (400); "
+                    "using plain JSON instructions for the rest of the run",
+                    self.base_url,
+                )
+            self.structured = False
+            return reply
+        if use_schema and self.structured is None:
+            self.structured = True
+        return reply
+
+    async def _with_retries(self, messages: list[dict[str, str]], use_schema: bool) -> TeacherReply:
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.config.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(_is_retryable),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._once(messages, use_schema)
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+    def _wait(self, retry_state: RetryCallState) -> float:
+        """Exponential backoff with jitter, or the server's Retry-After, both capped."""
+        import random
+
+        import openai
+
+        config = self.config
+        attempt = max(1, retry_state.attempt_number)
+        delay: float = min(config.backoff_max_s, config.backoff_initial_s * 2 ** (attempt - 1))
+        delay = min(config.backoff_max_s, delay + random.uniform(0, min(1.0, delay)))
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, openai.APIStatusError):
+            header = exc.response.headers.get("retry-after")
+            try:
+                after = float(header) if header is not None else None
+            except ValueError:
+                after = None
+            if after is not None and after >= 0:
+                delay = min(config.backoff_max_s, max(delay, after))
+        return delay
+
+    async def _once(self, messages: list[dict[str, str]], use_schema: bool) -> TeacherReply:
+        extra: dict[str, Any] = {}
+        if use_schema:
+            extra["response_format"] = candidates_schema(self.config.k)
+        response = await self._client.chat.completions.create(
+            model=self.config.model,
+            messages=messages,  # type: ignore[arg-type]
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+            **extra,
+        )
+        choice = response.choices[0] if response.choices else None
+        usage = response.usage
+        return TeacherReply(
+            content=choice.message.content if choice is not None else None,
+            prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+            completion_tokens=usage.completion_tokens if usage is not None else 0,
+            structured_output=use_schema,
+            finish_reason=choice.finish_reason if choice is not None else None,
+        )
+
+
+# --- the labelling run --------------------------------------------------------------
+
+
+def build_row(
+    triple: Triple,
+    personality: str,
+    reply: TeacherReply,
+    *,
+    prompt: TeacherPrompt,
+    config: TeacherConfig,
+    base_url: str,
+    limits: FilterLimits,
+) -> LabeledRow:
+    """The labelled row for one teacher reply: parsed, filtered and selected."""
+    parsed = parse_reply(reply.content, config.k)
+    teacher: dict[str, Any] = {
+        "model": config.model,
+        "base_url": base_url,
+        "prompt_sha256": prompt.sha256,
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "structured_output": reply.structured_output,
+        "finish_reason": reply.finish_reason,
+        "repairs": parsed.repairs,
+    }
+    fields = base_fields(triple, personality) | {
+        "labeler": "teacher",
+        "prompt_version": prompt.version,
+    }
+    if parsed.error is not None:
+        teacher["error"] = parsed.error
+        teacher["reply"] = (reply.content or "")[:REPLY_EXCERPT_CHARS]
+        return LabeledRow(
+            **fields,
+            status="rejected",
+            fast_response=None,
+            reason="unparsable_reply",
+            teacher=teacher,
+        )
+    selection = select_candidate(
+        parsed.candidates,
+        user_turn=triple.user_turn,
+        main_response=triple.main_response,
+        limits=limits,
+    )
+    rejected = [
+        RejectedCandidate(text=text, reasons=list(reasons)) for text, reasons in selection.rejected
+    ]
+    return LabeledRow(
+        **fields,
+        status="accepted" if selection.best is not None else "rejected",
+        fast_response=selection.best,
+        alternatives=list(selection.alternatives),
+        rejected=rejected,
+        reason=None if selection.best is not None else "no_candidate_passed",
+        teacher=teacher,
+    )
+
+
+async def label_with_teacher(
+    triples: Iterable[Triple],
+    personalities: Sequence[Personality],
+    out: Path,
+    config: TeacherConfig,
+    *,
+    limits: FilterLimits | None = None,
+    progress: Callable[[], None] | None = None,
+) -> LabelSummary:
+    """Label every (triple, personality) pair with the teacher into `out` (resumable).
+
+    Pairs whose row id is already in `out` are skipped (``skipped_done``). The others
+    go to `config.concurrency` workers; each row is appended and flushed as soon as it
+    is ready, so rows are in completion order, not input order. A pair seen twice in
+    the input (same triple id and personality) is labelled once.
+
+    Args:
+        triples: The triples, read lazily (at most ``2 * concurrency`` are held ahead).
+        personalities: Each triple is labelled once per personality.
+        out: The labelled JSON Lines file, created or appended to.
+        config: The teacher endpoint and run settings.
+        limits: Filter limits for `select_candidate`; None: the defaults.
+        progress: Called once per pair finished: written, skipped as done, or failed.
+
+    Returns:
+        The summary. ``rows`` counts written rows; pairs that failed at the teacher
+        are not written and are counted in ``rejections["teacher_error"]`` only.
+
+    Raises:
+        TeacherUnavailable: The server answered 401, 403 or 404 (bad key or model);
+            the rows written before stay in `out`.
+        PromptFileError: `config.prompt_file` is unusable (before anything is written).
+    """
+    prompt = load_prompt(config.prompt_file)
+    filter_limits = limits if limits is not None else FilterLimits()
+    people = list({p.name: p for p in personalities}.values())
+    summary = LabelSummary()
+    tick = progress if progress is not None else (lambda: None)
+    client = TeacherClient(config)
+    queue: asyncio.Queue[tuple[Triple, Personality] | None] = asyncio.Queue(
+        maxsize=2 * config.concurrency
+    )
+    write_lock = asyncio.Lock()
+
+    with LabelWriter(out) as writer:
+        already_done = set(writer.done)
+
+        async def produce() -> None:
+            scheduled: set[str] = set()
+            for triple in triples:
+                for personality in people:
+                    fields = base_fields(triple, personality.name)
+                    row_id = fields["id"]
+                    if row_id in already_done:
+                        summary.skipped_done += 1
+                        tick()
+                        continue
+                    if row_id in scheduled:
+                        continue
+                    scheduled.add(row_id)
+                    await queue.put((triple, personality))
+            for _ in range(config.concurrency):
+                await queue.put(None)
+
+        async def work() -> None:
+            while (job := await queue.get()) is not None:
+                triple, personality = job
+                messages = prompt.messages(triple, personality, config.k)
+                try:
+                    reply = await client.complete(messages)
+                except Exception as exc:
+                    if _is_fatal(exc):
+                        raise TeacherUnavailable(
+                            f"teacher {client.base_url} refused model {config.model!r}: "
+                            f"{type(exc).__name__}: {exc}"
+                        ) from exc
+                    if not _is_teacher_error(exc):
+                        raise
+                    summary.rejections["teacher_error"] = (
+                        summary.rejections.get("teacher_error", 0) + 1
+                    )
+                    log.warning(
+                        "teacher_error for %s|%s (not written; a re-run retries it): %s: %s",
+                        triple.id,
+                        personality.name,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    tick()
+                    continue
+                row = build_row(
+                    triple,
+                    personality.name,
+                    reply,
+                    prompt=prompt,
+                    config=config,
+                    base_url=client.base_url,
+                    limits=filter_limits,
+                )
+                async with write_lock:
+                    await asyncio.to_thread(writer.write, row)
+                summary.count(row)
+                summary.prompt_tokens += reply.prompt_tokens
+                summary.completion_tokens += reply.completion_tokens
+                tick()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(produce())
+                for _ in range(config.concurrency):
+                    group.create_task(work())
+        except* TeacherUnavailable as errors:
+            first = errors.exceptions[0]
+            raise first from first.__cause__
+        finally:
+            await client.close()
+    return summary
+
+
+def _is_teacher_error(exc: Exception) -> bool:
+    """An API failure that makes one pair a ``teacher_error`` (not a bug in this code)."""
+    import openai
+
+    return isinstance(exc, openai.APIError)
