@@ -16,15 +16,19 @@ from service.cli_data import app as data_app
 from service.cli_loadtest import loadtest as loadtest_command
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Pika fast response: serve the gateway, prepare models, replay real conversations.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Prepare models: the gemma-3-270m default and the tiny test model.")
+model_app = typer.Typer(
+    rich_markup_mode=None, help="Prepare models: the gemma-3-270m default and the tiny test model."
+)
 app.add_typer(model_app, name="model")
 engine_app = typer.Typer(
+    rich_markup_mode=None,
     help="Remote-engine mode: run vLLM OpenAI servers that gateways reach through "
-    "FASTRESP_ENGINE_URLS."
+    "FASTRESP_ENGINE_URLS.",
 )
 app.add_typer(engine_app, name="engine")
 app.add_typer(data_app, name="data")

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Training data: real conversations to triples, fast-response labels and "
     "per-personality train/validation/test splits.",
     no_args_is_help=True,
