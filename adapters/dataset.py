@@ -105,6 +105,12 @@ def _unit_interval(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl_atomic(lines: Iterable[str], path: Path) -> int:
     """Write `lines` (each one JSON object, no newline) to `path` atomically.
 
@@ -133,6 +139,9 @@ def write_jsonl_atomic(lines: Iterable[str], path: Path) -> int:
                 handle.write("\n")
                 count += 1
             handle.flush()
+            # NamedTemporaryFile creates the file 0600; give it the mode a plain open()
+            # would (0666 less the umask), so the training job can read the data.
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
     except BaseException:
@@ -526,9 +535,13 @@ def build_dataset(config: BuildConfig, progress: Progress | None = None) -> Data
         f"{skipped['unknown_personality']} of unknown personalities",
     )
     if not kept:
-        raise DatasetError(
-            "no accepted rows to build from in " + ", ".join(str(p) for p in config.labels)
-        )
+        where = ", ".join(str(p) for p in config.labels)
+        if unknown:
+            raise DatasetError(
+                f"no accepted rows to build from in {where}: the accepted rows are of "
+                f"personalities not in {config.personalities_file}: " + ", ".join(sorted(unknown))
+            )
+        raise DatasetError(f"no accepted rows to build from in {where}")
 
     by_split: dict[str, list[TrainingRow]] = {name: [] for name in SPLITS}
     for row in kept:

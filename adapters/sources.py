@@ -252,6 +252,8 @@ def _read_bridge(path: Path, skipped: SkipCounts | None) -> TripleStream:
             data = json.load(handle)
         except json.JSONDecodeError as exc:
             raise SourceFormatError(f"{path}: not JSON: {exc}") from exc
+        except RecursionError as exc:  # absurdly deep nesting: no Bridge file
+            raise SourceFormatError(f"{path}: not a Bridge file: JSON nested too deeply") from exc
     if not isinstance(data, list):
         raise SourceFormatError(f"{path}: a Bridge file is a JSON list, got {type(data).__name__}")
     for item in data:
@@ -292,10 +294,24 @@ def read_bridge(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
 def _read_uptake(path: Path, skipped: SkipCounts | None) -> TripleStream:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [column for column in UPTAKE_COLUMNS if column not in (reader.fieldnames or [])]
+        try:
+            fieldnames = reader.fieldnames or []
+        except csv.Error as exc:
+            raise SourceFormatError(f"{path}: not a CSV file: {exc}") from exc
+        missing = [column for column in UPTAKE_COLUMNS if column not in fieldnames]
         if missing:
             raise SourceFormatError(f"{path}: missing CSV column(s): {', '.join(missing)}")
-        for row in reader:
+        while True:
+            # A cell over csv.field_size_limit() (128 KiB) or a NUL in an old Python:
+            # the file is refused, naming the line, rather than a traceback.
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise SourceFormatError(
+                    f"{path}: unreadable CSV after line {reader.line_num}: {exc}"
+                ) from exc
             # A short row leaves cells as None (csv.DictReader's restval).
             obs_id, exchange = row.get("obs_id"), row.get("exchange_idx")
             student, teacher = row.get("student_text"), row.get("teacher_text")
@@ -333,7 +349,8 @@ def read_uptake(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
 
     Raises:
         FileNotFoundError: `path` does not exist (raised on first iteration).
-        SourceFormatError: A needed column (see `UPTAKE_COLUMNS`) is missing.
+        SourceFormatError: A needed column (see `UPTAKE_COLUMNS`) is missing, or the
+            csv module cannot read a line (e.g. a cell over its 128 KiB limit).
     """
     return _dedup(_read_uptake(path, skipped), skipped)
 
@@ -446,7 +463,7 @@ def _read_export(path: Path, skipped: SkipCounts | None) -> TripleStream:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
                 _count(skipped, "invalid_json")
                 continue
             if not isinstance(obj, dict):
@@ -550,7 +567,7 @@ def _read_jsonl(path: Path, skipped: SkipCounts | None) -> TripleStream:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
                 _count(skipped, "invalid_json")
                 continue
             if not isinstance(obj, dict):

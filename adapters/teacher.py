@@ -21,10 +21,12 @@ Failures:
 - 429, 5xx, 408, timeouts and connection errors are retried with exponential backoff
   and jitter (tenacity; a ``Retry-After`` header is honoured up to the backoff cap).
   The SDK's own retries are off, so tenacity is the only retry loop.
-- When a pair still fails after its retries, or the server refuses that one request
-  (another 4xx), **no row is written**: the pair is counted in the summary's
-  ``rejections["teacher_error"]`` (not in ``rows``) and logged, and a re-run retries
-  it. A transient failure recorded as done would never be retried.
+- When a pair still fails after its retries, the server refuses that one request
+  (another 4xx), or it answers 200 with something that is not a chat completion (an
+  HTML page, a broken body: `MalformedResponse`), **no row is written**: the pair is
+  counted in the summary's ``rejections["teacher_error"]`` (not in ``rows``) and
+  logged, and a re-run retries it. A transient failure recorded as done would never
+  be retried.
 - 401, 403 and 404 (a bad key or an unknown model) fail every request alike, so the
   run stops with `TeacherUnavailable`; the rows written so far stay, and a re-run
   resumes.
@@ -51,7 +53,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from tenacity import RetryCallState
 
 from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
@@ -87,6 +89,12 @@ class TeacherUnavailable(RuntimeError):
     """The teacher refuses every request (bad API key, no permission, unknown model)."""
 
 
+class MalformedResponse(RuntimeError):
+    """A 200 response that is not a chat completion (not JSON, an HTML page, no message
+    object): a proxy or server fault, so the pair is a ``teacher_error`` (not written,
+    retried by a re-run), never a crash of the run."""
+
+
 class PromptFileError(ValueError):
     """The prompt file is missing, not YAML, or lacks a field or placeholder."""
 
@@ -118,6 +126,10 @@ class TeacherConfig(BaseModel):
     """Limit for one HTTP request, in seconds; a timeout is retried."""
     max_retries: int = Field(default=5, ge=0, le=50)
     """Retries after the first attempt, on 429, 5xx, 408, timeouts, connection errors."""
+    max_consecutive_errors: int = Field(default=8, ge=1)
+    """Stop the run (`TeacherUnavailable`) after this many pairs in a row failed at the
+    teacher after their retries: a teacher that is down is detected in about two
+    backoff cycles instead of failing every pair of the input one by one."""
     backoff_initial_s: float = Field(default=1.0, gt=0.0)
     """First backoff wait; it doubles per retry, plus up to 1 s of jitter."""
     backoff_max_s: float = Field(default=30.0, gt=0.0)
@@ -128,6 +140,13 @@ class TeacherConfig(BaseModel):
     it, drops it for the rest of the run."""
     prompt_file: Path = DEFAULT_PROMPT_FILE
     """The standard prompt file (its ``version`` goes into every row)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8100/v1")
+        return value
 
     def resolved_api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key to send: the configured one, else the first env var set, else "EMPTY"."""
@@ -569,21 +588,40 @@ class TeacherClient:
         extra: dict[str, Any] = {}
         if use_schema:
             extra["response_format"] = candidates_schema(self.config.k)
-        response = await self._client.chat.completions.create(
-            model=self.config.model,
-            messages=messages,  # type: ignore[arg-type]
-            temperature=self.config.temperature,
-            max_tokens=self.config.max_tokens,
-            **extra,
-        )
-        choice = response.choices[0] if response.choices else None
-        usage = response.usage
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.config.model,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                **extra,
+            )
+        except json.JSONDecodeError as exc:  # a JSON content type with a broken body
+            raise MalformedResponse(f"response body is not JSON: {exc}") from exc
+        # The SDK does not validate a 200 body: a text/html page comes back as a str,
+        # and fields may hold anything, so the shape is checked here.
+        try:
+            choices = response.choices
+            if not isinstance(choices, list):  # absent ({}), or not a list
+                raise TypeError("no choices list")
+            choice = choices[0] if choices else None
+            content = choice.message.content if choice is not None else None
+            finish_reason = choice.finish_reason if choice is not None else None
+            usage = response.usage
+            prompt_tokens = int(usage.prompt_tokens) if usage is not None else 0
+            completion_tokens = int(usage.completion_tokens) if usage is not None else 0
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+            raise MalformedResponse(
+                f"response is not a chat completion: {str(response)[:200]!r}"
+            ) from exc
+        if content is not None and not isinstance(content, str):
+            raise MalformedResponse(f"message content is a {type(content).__name__}, not text")
         return TeacherReply(
-            content=choice.message.content if choice is not None else None,
-            prompt_tokens=usage.prompt_tokens if usage is not None else 0,
-            completion_tokens=usage.completion_tokens if usage is not None else 0,
+            content=content,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             structured_output=use_schema,
-            finish_reason=choice.finish_reason if choice is not None else None,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
 
 
@@ -675,8 +713,9 @@ async def label_with_teacher(
         are not written and are counted in ``rejections["teacher_error"]`` only.
 
     Raises:
-        TeacherUnavailable: The server answered 401, 403 or 404 (bad key or model);
-            the rows written before stay in `out`.
+        TeacherUnavailable: The server answered 401, 403 or 404 (bad key or model),
+            or `config.max_consecutive_errors` pairs in a row failed after their
+            retries (the teacher is down); the rows written before stay in `out`.
         PromptFileError: `config.prompt_file` is unusable (before anything is written).
     """
     prompt = load_prompt(config.prompt_file)
@@ -710,7 +749,10 @@ async def label_with_teacher(
             for _ in range(config.concurrency):
                 await queue.put(None)
 
+        failures_in_a_row = 0
+
         async def work() -> None:
+            nonlocal failures_in_a_row
             while (job := await queue.get()) is not None:
                 triple, personality = job
                 messages = prompt.messages(triple, personality, config.k)
@@ -735,7 +777,16 @@ async def label_with_teacher(
                         exc,
                     )
                     tick()
+                    failures_in_a_row += 1
+                    if failures_in_a_row >= config.max_consecutive_errors:
+                        raise TeacherUnavailable(
+                            f"{failures_in_a_row} pairs in a row failed at the teacher "
+                            f"{client.base_url} after their retries (last: "
+                            f"{type(exc).__name__}: {exc}); is it up? The rows written so "
+                            "far stay; re-run the same command to resume"
+                        ) from exc
                     continue
+                failures_in_a_row = 0
                 row = build_row(
                     triple,
                     personality.name,
@@ -769,4 +820,4 @@ def _is_teacher_error(exc: Exception) -> bool:
     """An API failure that makes one pair a ``teacher_error`` (not a bug in this code)."""
     import openai
 
-    return isinstance(exc, openai.APIError)
+    return isinstance(exc, openai.APIError | MalformedResponse)

@@ -21,6 +21,22 @@ app = typer.Typer(
 # --- fastresp data label (teacher and tutor-openers labellers) ----------------------
 
 
+def _looks_like_labelled_rows(path: Path) -> bool:
+    """True when the first JSON line of `path` is a labelled row, not a triple: the
+    triple reader ignores unknown keys, so labels would otherwise be labelled again."""
+    import json
+
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    first = json.loads(line)
+                    return isinstance(first, dict) and {"labeler", "triple_id"} <= first.keys()
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False  # the reader reports what is wrong with the file
+    return False
+
+
 def _label_fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -149,7 +165,7 @@ def label(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
     from rich.table import Table
 
-    from adapters.labels import LABELERS, LabelSummary, read_rows
+    from adapters.labels import LABELERS, LabelSummary
     from adapters.sources import Triple, read_triples_jsonl
     from adapters.teacher import (
         DEFAULT_PROMPT_FILE,
@@ -224,23 +240,35 @@ def label(
                 prompt_file=prompt_file or DEFAULT_PROMPT_FILE,
             )
         except ValidationError as exc:
+            options = {"timeout_s": "timeout"}
             problems = "; ".join(
-                f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+                "--"
+                + "-".join(options.get(str(p), str(p)).replace("_", "-") for p in err["loc"])
+                + f": {err['msg']}"
+                for err in exc.errors()
             )
             _label_fail(problems)
 
     # An --out with rows of another labeller or prompt version would be "resumed" with
-    # the wrong rows (ids are per triple and personality), so it is refused.
-    for row in read_rows(out):
-        if row.labeler != labeler or (
-            prompt_version is not None and row.prompt_version != prompt_version
-        ):
-            _label_fail(
-                f"--out: {out} already holds rows labelled by {row.labeler} "
-                f"({row.prompt_version}); write {labeler} rows to another file"
-            )
-        break
+    # the wrong rows (ids are per triple and personality), so it is refused; so is a
+    # file that is not labelled rows at all (a triples file, say), which would get rows
+    # appended to it. Only a torn last line (no newline: a killed run) may be invalid.
+    problem = _out_file_problem(out, labeler, prompt_version)
+    if problem is not None:
+        _label_fail(f"--out: {problem}")
+    existed = out.exists()
+    try:
+        out.open("a", encoding="utf-8").close()
+    except OSError as exc:
+        _label_fail(f"--out: cannot write {out}: {exc.strerror or exc}")
+    if not existed:
+        out.unlink()  # the probe wrote nothing; leave no empty file behind on an error
 
+    if _looks_like_labelled_rows(triples):
+        _label_fail(
+            f"--triples: {triples} holds labelled rows (from `fastresp data label`), not "
+            "triples; give the output of `fastresp data triples`"
+        )
     skipped: Counter[str] = Counter()
     try:
         stream = read_triples_jsonl(triples, skipped)
@@ -334,6 +362,42 @@ def label(
         raise typer.Exit(code=1)
 
 
+def _out_file_problem(out: Path, labeler: str, prompt_version: str | None) -> str | None:
+    """Why `out` cannot be resumed by this labeller, or None when it can (or is new)."""
+    from pydantic import ValidationError
+
+    from adapters.labels import LabeledRow
+
+    if not out.exists():
+        return None
+    try:
+        with out.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = LabeledRow.model_validate_json(line)
+                except ValidationError:
+                    if not line.endswith("\n"):
+                        continue  # a torn last line of a killed run: cut on resume
+                    return (
+                        f"{out} is not a file of labelled rows (line {number} is not one); "
+                        "write the labels to another file"
+                    )
+                if row.labeler != labeler or (
+                    prompt_version is not None and row.prompt_version != prompt_version
+                ):
+                    return (
+                        f"{out} already holds rows labelled by {row.labeler} "
+                        f"({row.prompt_version}); write {labeler} rows to another file"
+                    )
+    except UnicodeDecodeError as exc:
+        return f"{out} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except OSError as exc:
+        return f"cannot read {out}: {exc.strerror or exc}"
+    return None
+
+
 def _data_fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` to stderr and exit (2: bad arguments, 1: no result)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -404,7 +468,11 @@ def triples(
         typer.echo(f"{report.kind:<7} {report.path}: {report.triples} triple(s); skipped: {skips}")
     if not collected:
         _data_fail("--source: no usable triples in any source; nothing written", code=1)
-    written = write_triples(collected, out)
+    try:
+        written = write_triples(collected, out)
+    except OSError as exc:
+        _data_fail(f"--out: cannot write {out}: {exc.strerror or exc}")
+        raise  # unreachable; keeps type checkers happy
     skips = ", ".join(f"{r} {n}" for r, n in sorted(total_skipped.items())) or "none"
     typer.echo(f"total: {written} triple(s) written to {out}; skipped: {skips}")
 
@@ -489,6 +557,12 @@ def build(
         raise
     except DatasetError as exc:
         _data_fail(f"--labels: {exc}", code=1)
+        raise
+    except UnicodeDecodeError as exc:
+        _data_fail(f"--labels: a labels file is not UTF-8 text: {exc}")
+        raise
+    except OSError as exc:
+        _data_fail(f"--out: cannot write the dataset to {out}: {exc.strerror or exc}")
         raise
     splits = ", ".join(f"{name} {counts.rows}" for name, counts in card.splits.items())
     typer.echo(f"rows: {card.total.rows} ({splits}); dataset card: {out / 'README.md'}")

@@ -389,6 +389,7 @@ _STRONG_CORRECTION = re.compile(
     r"""
     \balmost\b | \bnot\s+quite\b | \bnot\s+yet\b | \btry\s+(?:it\s+|that\s+)?again\b
     | \bnot\s+exactly\b | \bincorrect\b | \bnot\s+(?:the\s+)?(?:correct|right)\b
+    | \b(?:isn't|aren't|wasn't)\s+(?:quite\s+)?(?:the\s+)?(?:correct|right)\b
     | (?<!not\s)\bwrong\b | \boops\b | ^\W*no\b | \bnope\b
     | \b(?:so|very|really|pretty|super)\s+close\b
     | \b(?:you're|you\s+are|that's|that\s+is|it's|it\s+is|you\s+were|was)\s+

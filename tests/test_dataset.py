@@ -9,6 +9,8 @@ tests/test_sources.py), and from the hand-checked export example
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from adapters.dataset import BuildConfig, DatasetError, build_dataset, opener_words
+from adapters.dataset import (
+    BuildConfig,
+    DatasetError,
+    build_dataset,
+    opener_words,
+    write_jsonl_atomic,
+)
 from adapters.labels import LabeledRow
 from service.cli import app
 from service.personalities import load_personalities
@@ -508,3 +516,57 @@ def test_build_cli_errors_name_the_option(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "no accepted rows" in result.output
     assert not out.exists()
+
+
+def test_only_unknown_personalities_say_so(tmp_path: Path) -> None:
+    # Review of issue 4: the error said "no accepted rows" while every row was accepted
+    # but of a personality missing from the manifest.
+    labels = _write(tmp_path / "l.jsonl", [_row(1, personality="robot")])
+    with pytest.raises(DatasetError, match=r"personalities not in .*: robot"):
+        _build([labels], tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    # Review of issue 4: the atomic writer's temporary file is 0600, so the triples and
+    # the dataset were unreadable for any other user (a training job, a container).
+    previous = os.umask(0o022)
+    try:
+        labels = _write(tmp_path / "l.jsonl", [_row(i, lesson=f"L{i}") for i in range(5)])
+        _build([labels], tmp_path / "ds")
+        written = write_jsonl_atomic(["{}"], tmp_path / "t.jsonl")
+    finally:
+        os.umask(previous)
+    assert written == 1
+    for path in [tmp_path / "t.jsonl", *(tmp_path / "ds").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_cli_write_failures_name_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review of issue 4: an unwritable --out (read-only folder, full disk) ended in an
+    # OSError traceback for `triples` and `build`, and a non-UTF-8 labels file in a
+    # UnicodeDecodeError traceback.
+    import adapters.dataset
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(adapters.dataset, "write_jsonl_atomic", refuse)
+    out = tmp_path / "t.jsonl"
+    result = _cli("triples", "--source", "export", str(EXAMPLE), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "--out: cannot write" in result.output and "Permission denied" in result.output
+    labels = _write(tmp_path / "l.jsonl", [_row(1)])
+    result = _cli("build", "--labels", str(labels), "--out", str(tmp_path / "ds"))
+    assert result.exit_code == 2, result.output
+    assert "--out: cannot write the dataset" in result.output
+
+    monkeypatch.undo()
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\n")
+    result = _cli("build", "--labels", str(binary), "--out", str(tmp_path / "ds2"))
+    assert result.exit_code == 2, result.output
+    assert "--labels" in result.output and "not UTF-8" in result.output
+    assert not (tmp_path / "ds2").exists()

@@ -358,3 +358,44 @@ def test_sources_module_stays_light() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_absurd_inputs_are_skips_or_a_format_error_never_a_crash(tmp_path: Path) -> None:
+    # Review of issue 4: a deeply nested JSON value raised RecursionError (a traceback,
+    # and for JSON Lines the whole run stopped on one bad line), and an uptake cell
+    # over the csv module's 128 KiB field limit raised _csv.Error.
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = tmp_path / "triples.jsonl"
+    lines.write_text(deep + "\n" + _triple_json(id="ok") + "\n", encoding="utf-8")
+    skipped: Counter[str] = Counter()
+    assert [t.id for t in read_triples_jsonl(lines, skipped)] == ["ok"]
+    assert skipped == Counter({"invalid_json": 1})
+
+    export = tmp_path / "export.jsonl"
+    conversation = {
+        "conversation_id": "c1",
+        "turns": [
+            {"role": "pika", "text": "Hi?"},
+            {"role": "user", "text": "hi"},
+            {"role": "pika", "text": "Hello!"},
+        ],
+    }
+    export.write_text(deep + "\n" + json.dumps(conversation) + "\n", encoding="utf-8")
+    skipped = Counter()
+    assert [t.id for t in load_triples("export", export, skipped=skipped)] == ["export:c1:1"]
+    assert skipped == Counter({"invalid_json": 1})
+
+    bridge = tmp_path / "deep.json"
+    bridge.write_text(deep, encoding="utf-8")
+    with pytest.raises(SourceFormatError, match="nested too deeply"):
+        list(read_bridge(bridge))
+
+    uptake = tmp_path / "huge.csv"
+    uptake.write_text(
+        'obs_id,exchange_idx,student_text,teacher_text\n1,1,ok,fine\n1,2,"'
+        + "x" * 200_000
+        + '",hi\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(SourceFormatError, match="after line 2: field larger"):
+        list(read_uptake(uptake))

@@ -69,6 +69,7 @@ def test_help_explains_the_command() -> None:
         ({"--personalities-file": "no-such-manifest.yaml"}, "--personalities-file"),
         ({"--base-url": None}, "--base-url"),
         ({"--model": None}, "--model"),
+        ({"--base-url": "127.0.0.1:8100/v1"}, "--base-url"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(
@@ -134,3 +135,62 @@ def test_unreachable_teacher_exits_1_and_writes_no_rows(triples_file: Path, tmp_
     assert "teacher_error" in result.output
     assert "re-run" in result.output
     assert out.read_text(encoding="utf-8") == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"id": "a", "source": "test", "user_turn": "Cow."}\n', "not a file of labelled rows"),
+        (b"\xff\xfe not text\n", "not UTF-8"),
+    ],
+    ids=["a-triples-file", "not-utf-8"],
+)
+def test_out_that_is_not_a_labels_file_is_refused(
+    triples_file: Path, tmp_path: Path, content: bytes, message: str
+) -> None:
+    # Review of issue 4: a triples file given as --out got labelled rows appended to it,
+    # and a non-UTF-8 --out ended in a UnicodeDecodeError traceback.
+    out = tmp_path / "labels.jsonl"
+    out.write_bytes(content)
+    args = ["--labeler", "tutor-openers", "--triples", str(triples_file), "--out", str(out)]
+    result = runner.invoke(app, _label(*args), env=NO_ENV)
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and message in result.output
+    assert out.read_bytes() == content
+
+
+def test_unwritable_out_exits_2_with_the_option(
+    triples_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review of issue 4: a read-only --out ended in a PermissionError traceback. (The
+    # tests may run as root, where file modes do not bite, so the open is refused here.)
+    out = tmp_path / "labels.jsonl"
+    real_open = Path.open
+
+    def refusing_open(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if self == out and "a" in mode:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    args = ["--labeler", "tutor-openers", "--triples", str(triples_file), "--out", str(out)]
+    result = runner.invoke(app, _label(*args), env=NO_ENV)
+    assert result.exit_code == 2, result.output
+    assert "--out: cannot write" in result.output and "Permission denied" in result.output
+    assert not out.exists()
+
+
+def test_a_labels_file_given_as_triples_is_refused(triples_file: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.jsonl"
+    first = runner.invoke(
+        app,
+        _label("--labeler", "tutor-openers", "--triples", str(triples_file), "--out", str(labels)),
+        env=NO_ENV,
+    )
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "again.jsonl"
+    args = _label("--labeler", "tutor-openers", "--triples", str(labels), "--out", str(out))
+    result = runner.invoke(app, args, env=NO_ENV)
+    assert result.exit_code == 2, result.output
+    assert "--triples" in result.output and "labelled rows" in result.output
+    assert not out.exists()

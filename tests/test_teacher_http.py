@@ -236,6 +236,65 @@ async def test_connection_refused_is_a_teacher_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_dead_teacher_stops_the_run(fake: Any, tmp_path: Path) -> None:
+    teacher = await fake(lambda body, number: error(503, "down"))
+    out = tmp_path / "labels.jsonl"
+    settings = config(teacher.url, max_retries=0, concurrency=1, max_consecutive_errors=3)
+    with pytest.raises(TeacherUnavailable, match="3 pairs in a row failed"):
+        await label_with_teacher(triples(20), [PERSONALITY], out, settings)
+    assert len(teacher.requests) == 3  # not one request per pair of the input
+    assert list(read_rows(out)) == []
+
+
+@pytest.mark.asyncio
+async def test_a_success_resets_the_failure_count(fake: Any, tmp_path: Path) -> None:
+    def handler(body: dict[str, Any], number: int) -> Any:
+        return completion(GOOD_REPLY) if number % 3 == 2 else error(503, "flaky")
+
+    teacher = await fake(handler)
+    out = tmp_path / "labels.jsonl"
+    settings = config(teacher.url, max_retries=0, concurrency=1, max_consecutive_errors=3)
+    summary = await label_with_teacher(triples(9), [PERSONALITY], out, settings)
+    assert summary.rows == 3
+    assert summary.rejections.get("teacher_error") == 6
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        lambda: web.Response(text="upstream proxy says hello", content_type="text/plain"),
+        lambda: web.Response(text="<html>502 from a proxy</html>", content_type="text/html"),
+        lambda: web.Response(text="{not json", content_type="application/json"),
+        lambda: {},
+        lambda: {"choices": [1]},
+        lambda: {"choices": [{"message": None}]},
+    ],
+    ids=["text", "html", "broken-json", "empty-object", "int-choice", "null-message"],
+)
+@pytest.mark.asyncio
+async def test_a_200_that_is_not_a_chat_completion_is_a_teacher_error(
+    fake: Any, tmp_path: Path, reply: Callable[[], Any]
+) -> None:
+    # Before the fix the SDK's unvalidated result crashed the whole run (AttributeError
+    # or JSONDecodeError inside the TaskGroup).
+    healthy = False
+
+    def handler(body: dict[str, Any], number: int) -> Any:
+        return completion(GOOD_REPLY) if healthy else reply()
+
+    teacher = await fake(handler)
+    out = tmp_path / "labels.jsonl"
+    summary = await label_with_teacher(triples(2), [PERSONALITY], out, config(teacher.url))
+    assert summary.rows == 0
+    assert summary.rejections == {"teacher_error": 2}
+    assert list(read_rows(out)) == []
+
+    healthy = True  # a re-run retries the pairs: nothing was recorded as done
+    again = await label_with_teacher(triples(2), [PERSONALITY], out, config(teacher.url))
+    assert again.rows == 2 and again.skipped_done == 0
+
+
+@pytest.mark.asyncio
 async def test_other_4xx_is_not_retried(fake: Any, tmp_path: Path) -> None:
     teacher = await fake(lambda body, number: error(422, "bad request"))
     out = tmp_path / "labels.jsonl"

@@ -229,6 +229,10 @@ def test_no_contradiction_allows_effort_praise_and_praise_before_praise() -> Non
         ("Yes! The answer is 12.", False),
         ("Great job! What is 3 plus 4?", False),
         ("Let's close our books now.", False),
+        # review of issue 4: "isn't right" was no cue, so "Great job!" passed before it
+        ("Hmm, that isn't right. What is 2 plus 2?", True),
+        ("That isn\u2019t quite correct. Count again.", True),
+        ("Yes, that's right! It isn't hard, is it?", False),
     ],
 )
 def test_correction_cues(main: str, corrects: bool) -> None:
