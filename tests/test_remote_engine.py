@@ -474,10 +474,14 @@ async def test_a_deadline_aborts_the_upstream_request(
     started = time.monotonic()
     assert await wait_metric(a.url, RUNNING, lambda v: v == 0, timeout_s=5) == 0
     print(f"upstream running count back to 0 {time.monotonic() - started:.2f} s after cancel")
-    # It was aborted, not finished: no request completed, and far fewer than 1900 tokens.
+    # It was aborted, not finished: no request completed, and fewer than its 1900 tokens.
+    # (How many it made before the cancel depends on the machine's speed: 1,487 in one
+    # CI run on the 2-core machine, so the bound is the request's own max_tokens.)
     await asyncio.sleep(0.5)
     assert await metric(a.url, FINISHED) == finished
-    assert await metric(a.url, GENERATED) - generated < 1000
+    made = await metric(a.url, GENERATED) - generated
+    print(f"tokens generated before the abort: {made:.0f} of 1900")
+    assert made < 1900
 
 
 # -- the gateway's hot swaps over the two upstreams ---------------------------------------
