@@ -1,0 +1,110 @@
+"""Unit tests of the load test's pieces that need no server: the threshold rules and the
+`fastresp loadtest` command line (Locust itself runs in tests/test_loadtest.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loadtest.thresholds import Limits, Measured, Miss, evaluate
+from service.cli import app
+from service.cli_loadtest import locust_command, locust_duration
+
+
+def measured(requests: int = 100, failures: int = 0, rps: float = 50.0, p95: float = 80.0):
+    return Measured(requests=requests, failures=failures, rps=rps, p95_ms=p95)
+
+
+def test_no_limits_never_miss() -> None:
+    assert evaluate(measured(requests=0, p95=None), Limits()) == []  # type: ignore[arg-type]
+    assert evaluate(measured(failures=100), Limits()) == []
+
+
+@pytest.mark.parametrize(
+    ("limits", "names"),
+    [
+        (Limits(min_rps=50.0), []),  # equal to the limit passes
+        (Limits(min_rps=50.1), ["min_rps"]),
+        (Limits(max_p95_ms=80.0), []),
+        (Limits(max_p95_ms=79.9), ["max_p95_ms"]),
+        (Limits(max_failure_ratio=0.0), []),
+        (Limits(min_rps=60, max_p95_ms=10, max_failure_ratio=0), ["min_rps", "max_p95_ms"]),
+    ],
+)
+def test_each_threshold(limits: Limits, names: list[str]) -> None:
+    assert [m.name for m in evaluate(measured(), limits)] == names
+
+
+def test_failure_ratio() -> None:
+    misses = evaluate(measured(failures=2), Limits(max_failure_ratio=0.01))
+    assert misses == [Miss("max_failure_ratio", 0.02, 0.01)]
+    assert evaluate(measured(failures=1), Limits(max_failure_ratio=0.01)) == []
+
+
+def test_a_run_without_requests_misses() -> None:
+    nothing = Measured(requests=0, failures=0, rps=0.0, p95_ms=None)
+    names = [m.name for m in evaluate(nothing, Limits(max_p95_ms=100))]
+    assert names == ["requests"]
+    names = [m.name for m in evaluate(nothing, Limits(min_rps=1, max_failure_ratio=0.5))]
+    assert names == ["requests", "min_rps", "max_failure_ratio"]
+
+
+def test_miss_names_measured_and_limit() -> None:
+    text = Miss("min_rps", 12.345, 100000.0).describe()
+    assert text == "threshold missed: min_rps: measured 12.35, limit 100000"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("60", "60s"), ("90s", "90s"), ("2m", "2m"), ("1h30m", "1h30m")]
+)
+def test_durations(given: str, expected: str) -> None:
+    assert locust_duration(given) == expected
+
+
+@pytest.mark.parametrize("given", ["", "0", "0s", "-5", "1.5", "soon", "5 s", "10d"])
+def test_bad_durations(given: str) -> None:
+    with pytest.raises(ValueError, match="Locust duration"):
+        locust_duration(given)
+
+
+def test_locust_command(tmp_path: Path) -> None:
+    argv = locust_command(
+        Path("/x/locustfile.py"),
+        "http://gw:8000",
+        20,
+        5.0,
+        "60s",
+        tmp_path,
+        Path("/data/bridge.json"),
+        ["cheerful", "calm"],
+        1.0,
+        10.0,
+        50.0,
+        None,
+        0.01,
+    )
+    assert argv[:5] == [sys.executable, "-m", "locust", "-f", "/x/locustfile.py"]
+    pairs = dict(zip(argv[5:], [*argv[6:], ""], strict=False))
+    assert "--headless" in argv and "--only-summary" in argv
+    assert pairs["--host"] == "http://gw:8000"
+    assert pairs["--users"] == "20" and pairs["--spawn-rate"] == "5"
+    assert pairs["--run-time"] == "60s"
+    assert pairs["--csv"] == str(tmp_path / "locust")
+    assert pairs["--html"] == str(tmp_path / "report.html")
+    assert pairs["--personalities"] == "cheerful,calm"
+    assert pairs["--min-rps"] == "50" and pairs["--max-failure-ratio"] == "0.01"
+    assert "--max-p95-ms" not in argv  # unset: not checked
+
+
+def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["loadtest", "--run-time", "soon", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--run-time" in result.output
+    missing = tmp_path / "missing.json"
+    result = runner.invoke(app, ["loadtest", "--data", str(missing), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no such file" in result.output
