@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_admin(
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -57,7 +57,7 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def get_registry(request: Request) -> AdapterRegistry:
+async def get_registry(request: Request) -> AdapterRegistry:
     """The app's AdapterRegistry (set by the lifespan)."""
     registry: AdapterRegistry = request.app.state.registry
     return registry

@@ -15,19 +15,23 @@ from service.metrics import Metrics
 from service.schemas import ErrorResponse, FastResponseRequest, FastResponseResponse, Health
 
 
-def get_service(request: Request) -> FastResponseService:
-    """The app's FastResponseService (set by the lifespan)."""
+async def get_service(request: Request) -> FastResponseService:
+    """The app's FastResponseService (set by the lifespan).
+
+    The dependencies are `async def`: FastAPI runs a plain `def` dependency in its
+    thread pool, a thread hop per request that was 12% of the gateway's CPU at 50 RPS
+    (py-spy, BENCHMARKS.md)."""
     service: FastResponseService = request.app.state.service
     return service
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     """The app's engine (set by the lifespan)."""
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     """The app's metrics (set by the lifespan)."""
     metrics: Metrics = request.app.state.metrics
     return metrics
