@@ -50,7 +50,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
@@ -456,7 +456,9 @@ def _export_triples(obj: dict[str, Any], skipped: SkipCounts | None) -> list[Tri
     return triples
 
 
-def _read_export(path: Path, skipped: SkipCounts | None) -> TripleStream:
+def _json_objects(path: Path, skipped: SkipCounts | None) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON Lines file; blank lines are ignored, other lines that
+    are not a JSON object are counted as ``invalid_json`` or ``not_an_object``."""
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             if not line.strip():
@@ -469,12 +471,17 @@ def _read_export(path: Path, skipped: SkipCounts | None) -> TripleStream:
             if not isinstance(obj, dict):
                 _count(skipped, "not_an_object")
                 continue
-            try:
-                triples = _export_triples(obj, skipped)
-            except _Skip as skip:
-                _count(skipped, skip.reason)
-                continue
-            yield from triples
+            yield obj
+
+
+def _read_export(path: Path, skipped: SkipCounts | None) -> TripleStream:
+    for obj in _json_objects(path, skipped):
+        try:
+            triples = _export_triples(obj, skipped)
+        except _Skip as skip:
+            _count(skipped, skip.reason)
+            continue
+        yield from triples
 
 
 def read_export(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
@@ -561,22 +568,11 @@ def _classify(exc: ValidationError) -> SkipReason:
 
 
 def _read_jsonl(path: Path, skipped: SkipCounts | None) -> TripleStream:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
-                _count(skipped, "invalid_json")
-                continue
-            if not isinstance(obj, dict):
-                _count(skipped, "not_an_object")
-                continue
-            try:
-                yield Triple.model_validate(obj)
-            except ValidationError as exc:
-                _count(skipped, _classify(exc))
+    for obj in _json_objects(path, skipped):
+        try:
+            yield Triple.model_validate(obj)
+        except ValidationError as exc:
+            _count(skipped, _classify(exc))
 
 
 def read_triples_jsonl(path: Path, skipped: SkipCounts | None = None) -> TripleStream:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import statistics
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +30,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from adapters.dataset import write_jsonl_atomic
 from adapters.sources import Triple
 from service.schemas import ErrorResponse, FastResponseResponse, Identifier
 
@@ -410,30 +409,12 @@ def render(
 
 
 def write_jsonl(rows: Iterable[ReplayRow], path: Path) -> None:
-    """Write one JSON object per row to `path`, atomically (temp file + `os.replace`).
+    """Write one JSON object per row to `path`, atomically (temp file + `os.replace`;
+    `adapters.dataset.write_jsonl_atomic`).
 
     Each object is `ReplayRow` as JSON, including the nested triple and ``ok``.
 
     Raises:
         OSError: The directory is missing or not writable; `path` is then untouched.
     """
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-        "w",
-        encoding="utf-8",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-    )
-    try:
-        with handle:
-            for row in rows:
-                handle.write(row.model_dump_json())
-                handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    write_jsonl_atomic((row.model_dump_json() for row in rows), Path(path))
