@@ -172,6 +172,9 @@ class Phase:
     engine_calls: float
     sources: dict[str, int] = field(default_factory=dict)
     locust_cpu_warning: bool = False
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    """CPU milliseconds per request of the gateway process and of the vLLM API server
+    process (not its engine core) during this phase."""
 
     @property
     def total(self) -> dict[str, Any]:
@@ -240,6 +243,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def _cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds process `pid` has used (Linux /proc; 0.0 when unknown).
+    Fields 14 and 15 of /proc/PID/stat, in clock ticks."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _engine_requests(engine_url: str) -> float:
     """vLLM's finished-request counter, summed over its labels."""
     text = httpx.get(f"{engine_url}/metrics", timeout=10).text
@@ -293,13 +308,16 @@ def run_phase(
     urls: dict[str, str],
     workdir: Path,
     bodies: Path,
+    pids: dict[str, int | None],
 ) -> Phase:
-    """Drive one path at `rps` for `args.seconds`."""
+    """Drive one path at `rps` for `args.seconds`; `pids` are the processes whose CPU
+    time per request is recorded (gateway, vLLM API server)."""
     users = max(1, round(rps * args.user_period_s))
     user_rps = rps / users
     out = workdir / f"{path}-{rps:g}rps-{time.monotonic_ns()}"
     common = ["--data", str(args.data)]
     before = _engine_requests(urls["engine"])
+    cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
     if path == "gateway":
         verdict, cpu = _locust(
             GATEWAY_LOCUSTFILE, urls["gateway"], users, user_rps, args.seconds, out, common
@@ -311,12 +329,18 @@ def run_phase(
         )
     calls = _engine_requests(urls["engine"]) - before
     requests = int(verdict["total"]["requests"]) or 1
-    phase = Phase(path, rps, users, verdict, calls / requests, _sources(out / "latency.csv"), cpu)
+    cpu_ms = {
+        name: 1000 * (_cpu_s(pid) - cpu_before[name]) / requests for name, pid in pids.items()
+    }
+    phase = Phase(
+        path, rps, users, verdict, calls / requests, _sources(out / "latency.csv"), cpu, cpu_ms
+    )
     p95 = phase.ms("p95_ms")
     print(
         f"{path:8s} target {rps:g} RPS ({users} users): {phase.rps:.1f} RPS, P95 {p95:.0f} ms, "
         f"{phase.failures} failed of {phase.requests}, engine calls/request "
-        f"{phase.engine_calls:.2f}, sources {phase.sources}",
+        f"{phase.engine_calls:.2f}, sources {phase.sources}, CPU ms/request "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in cpu_ms.items()),
         flush=True,
     )
     return phase
@@ -356,6 +380,7 @@ def measure(
         _wait_http(f"{urls['engine']}/health", engine, workdir / "engine.log", 600)
         gateway = _start(gateway_cmd, workdir / "gateway.log", gateway_env)
         _wait_http(f"{urls['gateway']}/readyz", gateway, workdir / "gateway.log", 600)
+        pids: dict[str, int | None] = {"gateway": gateway.pid, "vllm api server": engine.pid}
         bodies = workdir / "bodies.jsonl"
         count = write_bodies(bodies, model, manifest, urls["engine"], args.data)
         print(f"direct path: {count} request bodies in {bodies}", flush=True)
@@ -363,12 +388,12 @@ def measure(
         print(f"warm-up: {args.warmup_s:g} s per path at {first:g} RPS (not recorded)", flush=True)
         warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup_s})
         for path in ("direct", "gateway"):
-            run_phase(path, first, warm, urls, workdir, bodies)
+            run_phase(path, first, warm, urls, workdir, bodies, pids)
         best: float | None = None
         for rps in args.rps:
             for _ in range(args.rounds):
                 for path in ("direct", "gateway") if not args.find_max else ("gateway",):
-                    phases.append(run_phase(path, rps, args, urls, workdir, bodies))
+                    phases.append(run_phase(path, rps, args, urls, workdir, bodies, pids))
             if args.find_max:
                 if not phases[-1].sustained():
                     break
@@ -376,7 +401,7 @@ def measure(
         if args.find_max:  # the direct path at the highest sustained rate, else the lowest
             compare = best if best is not None else args.rps[0]
             for _ in range(args.rounds):
-                phases.append(run_phase("direct", compare, args, urls, workdir, bodies))
+                phases.append(run_phase("direct", compare, args, urls, workdir, bodies, pids))
     finally:
         if gateway is not None:
             _stop(gateway)
@@ -390,7 +415,9 @@ def _row(phase: Phase) -> str:
         f"| {phase.path} | {phase.target_rps:g} | {phase.users} | {phase.rps:.1f} "
         f"| {phase.ms('p50_ms'):.0f} | {phase.ms('p95_ms'):.0f} | {phase.ms('p99_ms'):.0f} "
         f"| {phase.failures} / {phase.requests} | {phase.engine_calls:.2f} "
-        f"| {sources if phase.path == 'gateway' else '-'} |"
+        f"| {sources if phase.path == 'gateway' else '-'} "
+        f"| {phase.cpu_ms.get('gateway', float('nan')):.1f} "
+        f"| {phase.cpu_ms.get('vllm api server', float('nan')):.1f} |"
     )
 
 
@@ -409,11 +436,15 @@ def render(args: argparse.Namespace, phases: list[Phase], command: str) -> str:
         "chat template with the personality's adapter, few-shot without; "
         f"max_tokens {args.max_tokens}, greedy, same model name); gateway: "
         f"`POST /fast-response` (deadline {args.deadline_ms} ms). Same Bridge validation "
-        "turns, personalities cheerful and calm. Times are Locust's, client side, in ms.",
+        "turns, personalities cheerful and calm. Times are Locust's, client side, in ms. "
+        "CPU ms per request: user + system CPU time of the gateway process and of the vLLM "
+        "API server process (/proc/PID/stat; not the engine core) over the row, divided by "
+        "its requests.",
         "",
         "| path | target RPS | users | achieved RPS | P50 | P95 | P99 | failed / requests "
-        "| engine calls per request | gateway sources |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| engine calls per request | gateway sources | gateway CPU ms per request "
+        "| vLLM API server CPU ms per request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(phase) for phase in phases),
         "",
     ]
