@@ -134,6 +134,7 @@ class RemoteEngine:
         self._tokenizer = tokenizer
         self._device = settings.engine_device
         self._down_s = settings.engine_down_s
+        self._stream = settings.engine_stream
         self._adapters: dict[str, AdapterRef] = {}  # added through this engine, not removed
         self._reloads: dict[tuple[str, str], asyncio.Lock] = {}  # (url, adapter name)
         self._in_flight = 0
@@ -423,9 +424,10 @@ class RemoteEngine:
     async def _complete(
         self, upstream: _Upstream, request_id: str, request: GenerationRequest
     ) -> GenerationResult:
-        """`POST /v1/completions`, streamed, so that the time to the first token is seen
-        here: vLLM sends the first event once the first token exists (an event may carry
-        no text yet while vLLM holds back a possible stop string).
+        """`POST /v1/completions`, streamed (unless `Settings.engine_stream` is off), so
+        that the time to the first token is seen here: vLLM sends the first event once the
+        first token exists (an event may carry no text yet while vLLM holds back a
+        possible stop string).
 
         Raises: _UpstreamDown, _UpstreamRefused, EngineError.
         """
@@ -436,11 +438,13 @@ class RemoteEngine:
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stop": list(request.stop),
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        if not self._stream:
+            return await self._complete_whole(upstream, request_id, body)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
         texts: list[str] = []
         finish_reason: str | None = None
         output_tokens: int | None = None
@@ -492,6 +496,38 @@ class RemoteEngine:
             output_tokens=output_tokens,
             finish_reason=finish_reason,
             ttft_s=ttft,
+        )
+
+    async def _complete_whole(
+        self, upstream: _Upstream, request_id: str, body: dict[str, Any]
+    ) -> GenerationResult:
+        """`POST /v1/completions` answered in one JSON body (`Settings.engine_stream`
+        off): no time to first token. Raises: _UpstreamDown, _UpstreamRefused, EngineError.
+        """
+        response = await _call(
+            upstream.client,
+            "POST",
+            "/v1/completions",
+            json=body,
+            headers={"X-Request-Id": request_id},
+        )
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            text = choice["text"]
+            finish_reason = choice.get("finish_reason")
+            output_tokens = int(payload["usage"]["completion_tokens"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise EngineError(
+                f"engine upstream {upstream.url} sent an unexpected completion body: "
+                f"{_describe(exc)}"
+            ) from exc
+        if not isinstance(text, str):
+            raise EngineError(f"engine upstream {upstream.url} sent a non-text completion")
+        if finish_reason == "abort":
+            raise EngineError(f"engine upstream {upstream.url} aborted the request")
+        return GenerationResult(
+            text=text, output_tokens=output_tokens, finish_reason=finish_reason, ttft_s=None
         )
 
     async def _reload_on(self, upstream: _Upstream, adapter: AdapterRef) -> None:

@@ -154,6 +154,13 @@ class Settings(BaseSettings):
     """Remote-engine mode: seconds an upstream that failed (connection error or 5xx) is
     skipped by routing, so requests do not keep paying for it; 0 disables this."""
 
+    engine_stream: bool = True
+    """Remote-engine mode: stream each completion (`"stream": true`), so the gateway sees
+    the time to the first token (`fastresp_time_to_first_token_seconds`). False: one
+    JSON answer per completion, less work per request for the vLLM API server and the
+    gateway, and no TTFT in the gateway's metrics (vLLM's own
+    `vllm:time_to_first_token_seconds` still has it). See BENCHMARKS.md."""
+
     redis_url: str | None = None
     """Redis URL (e.g. `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
 

@@ -393,6 +393,30 @@ async def test_an_upstream_that_lost_an_adapter_gets_it_again_on_demand(
 
 @pytest.mark.engine
 @pytest.mark.asyncio(loop_scope="session")
+async def test_streamed_and_whole_completions_give_the_same_text(
+    servers: tuple[Server, Server], tiny_model_dir: Path
+) -> None:
+    """`engine_stream` off: one JSON body per completion, the same greedy text and token
+    count as the streamed one, and no time to first token."""
+    a, _ = servers
+    results = {}
+    for stream in (True, False):
+        engine = await RemoteEngine.start(
+            remote_settings(tiny_model_dir, [a.url], engine_stream=stream)
+        )
+        try:
+            results[stream] = await engine.generate(f"stream-{stream}", request("k"))
+        finally:
+            await engine.close()
+    streamed, whole = results[True], results[False]
+    assert (whole.text, whole.output_tokens) == (streamed.text, streamed.output_tokens)
+    assert whole.output_tokens == 6 and whole.finish_reason == "length"
+    assert streamed.ttft_s is not None and streamed.ttft_s > 0
+    assert whole.ttft_s is None
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
 async def test_start_needs_one_healthy_upstream_and_skips_the_others(
     servers: tuple[Server, Server], tiny_model_dir: Path
 ) -> None:
