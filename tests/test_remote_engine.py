@@ -240,8 +240,12 @@ def keys_homed_on(url: str, urls: list[str], count: int = 2) -> list[str]:
 
 
 async def metric(url: str, name: str) -> float:
-    """Sum of the samples of a vLLM Prometheus metric on one upstream."""
-    async with httpx.AsyncClient(timeout=5) as client:
+    """Sum of the samples of a vLLM Prometheus metric on one upstream.
+
+    The timeout is 30 s: while the deadline test's upstream streams a 1,900-token
+    completion of the tiny model, its API server sends an event per token and once took
+    over 5 s to accept this connection (CI, 2026-11-30)."""
+    async with httpx.AsyncClient(timeout=30) as client:
         text = (await client.get(f"{url}/metrics")).text
     return sum(
         float(line.rsplit(" ", 1)[1])
