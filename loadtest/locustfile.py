@@ -19,6 +19,7 @@ Options and thresholds: see `fastresp_locust.py`.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +33,7 @@ from fastresp_locust import (
     load_turns,
     split_names,
 )
+from gevent import GreenletExit
 from locust import events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
@@ -69,6 +71,27 @@ class FastResponseUser(FastHttpUser):
         personality, fields = self.conversation.next_fields()
         body = {"personality": personality, **fields}
         name = f"{FAST_RESPONSE} {personality}"
+        started = time.time()
+        try:
+            self._post(body, name)
+        except GreenletExit:
+            # The run ended and Locust killed this user after --stop-timeout with the
+            # request still unanswered (a hung gateway): count it as a failure, or a
+            # gateway that stops answering mid-run would pass with no failure at all.
+            self.environment.events.request.fire(
+                request_type="POST",
+                name=name,
+                response_time=(time.time() - started) * 1000,
+                response_length=0,
+                response=None,
+                context={},
+                exception=TimeoutError("no answer before the run ended (--stop-timeout)"),
+                start_time=started,
+                url=FAST_RESPONSE,
+            )
+            raise
+
+    def _post(self, body: dict[str, str], name: str) -> None:
         with self.client.post(FAST_RESPONSE, json=body, name=name, catch_response=True) as reply:
             source, server_ms = "", None
             if reply.status_code != 200:
@@ -101,10 +124,12 @@ def _prepare(environment: Environment, **_: Any) -> None:
     if not names:
         try:
             names = fetch_personalities(environment.host)
-        except OSError as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # OSError: not reachable; ValueError: not an http(s) URL, or an answer that is
+            # not JSON; KeyError, TypeError: JSON that is not a gateway's personality list
             raise SystemExit(
                 f"load test: cannot list personalities at {environment.host}/personalities: "
-                f"{exc} (is the gateway running? or pass --personalities)"
+                f"{exc!r} (is the gateway running? or pass --personalities)"
             ) from None
     if not names:
         raise SystemExit(f"load test: {environment.host} serves no personalities")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -39,6 +40,22 @@ def locust_duration(run_time: str) -> str:
     ):
         raise ValueError(f"not a positive number of seconds or a Locust duration: {run_time!r}")
     return text
+
+
+def base_url(host: str) -> str:
+    """`host` if it is an http(s) URL with a host name, without a trailing slash.
+
+    Raises:
+        ValueError: another scheme, no scheme (`127.0.0.1:8000`), or no host name.
+    """
+    try:
+        parts = urlsplit(host.strip())
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as exc:  # a port that is not a number or out of range
+        raise ValueError(f"not an http(s) base URL: {host!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"not an http(s) base URL such as http://127.0.0.1:8000: {host!r}")
+    return host.strip().rstrip("/")
 
 
 def _default_locustfile() -> Path:
@@ -174,6 +191,11 @@ def loadtest(
     except ValueError as exc:
         typer.secho(f"error: --run-time: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
+    try:
+        host = base_url(host)
+    except ValueError as exc:
+        typer.secho(f"error: --host: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
     script = locustfile if locustfile is not None else _default_locustfile()
     if not script.is_file():
         typer.secho(f"error: --locustfile: no such file: {script}", fg=typer.colors.RED, err=True)
@@ -181,9 +203,14 @@ def loadtest(
     if data is not None and not data.is_file():
         typer.secho(f"error: --data: no such file: {data}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
-    out.mkdir(parents=True, exist_ok=True)
     verdict_file = out / "verdict.json"
-    verdict_file.unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (verdict_file, out / "report.html"):  # an earlier run's
+            stale.unlink(missing_ok=True)
+    except OSError as exc:
+        typer.secho(f"error: --out: cannot use {out}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
     argv = locust_command(
         script.resolve(),
         host,
@@ -201,7 +228,10 @@ def loadtest(
     )
     typer.echo(" ".join(argv), err=True)
     code = subprocess.run(argv, check=False).returncode
-    typer.echo(f"report: {out / 'report.html'}; CSV: {out / 'locust_stats.csv'}")
+    if (out / "report.html").is_file():
+        typer.echo(f"report: {out / 'report.html'}; CSV: {out / 'locust_stats.csv'}")
+    else:
+        typer.echo("no report: Locust stopped before the run (see its message above)", err=True)
     if verdict_file.is_file():
         verdict = json.loads(verdict_file.read_text())
         for miss in verdict["misses"]:

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,3 +113,93 @@ def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
     result = runner.invoke(app, ["loadtest", "--data", str(missing), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "no such file" in result.output
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:8000",
+        "ftp://127.0.0.1:8000",
+        "notaurl",
+        "http://",
+        "http://host:99999",
+        "http://h:x",
+    ],
+)
+def test_cli_refuses_a_host_that_is_not_an_http_url(tmp_path: Path, host: str) -> None:
+    """A scheme-less or non-http host used to reach Locust and end in a traceback (or an
+    FTP connection) with exit code 1; it is a bad argument: exit 2, nothing started."""
+    result = CliRunner().invoke(app, ["loadtest", "--host", host, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "--host" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_out_that_is_a_file(tmp_path: Path) -> None:
+    """`--out` naming a file used to end in a FileExistsError traceback."""
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    result = CliRunner().invoke(app, ["loadtest", "--out", str(taken)])
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+#: One Bridge conversation (Pika's question, the child's answer, Pika's main response).
+BRIDGE_CONVERSATION = {
+    "c_id": "1_1",
+    "lesson_topic": "t",
+    "c_h": [
+        {"id": 1, "text": "What is your final answer?", "time": "1:00", "user": "tutor"},
+        {"id": 2, "text": "30", "time": "1:05", "user": "student"},
+    ],
+    "c_r": [{"id": 3, "text": "That was a good try.", "time": "1:10", "user": "tutor"}],
+}
+
+
+@pytest.fixture
+def hung_server() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers (a hung gateway)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_requests_unanswered_when_the_run_ends_are_failures(
+    hung_server: str, tmp_path: Path
+) -> None:
+    """A gateway that stops answering: Locust kills the users after --stop-timeout, and
+    their unanswered requests used to vanish from the stats, so the run passed (exit 0,
+    no failure). They are failures now, and the run exits 1."""
+    data = tmp_path / "bridge.json"
+    data.write_text(json.dumps([BRIDGE_CONVERSATION]))
+    out = tmp_path / "report"
+    fastresp = str(Path(sys.executable).parent / "fastresp")
+    command = [fastresp, "loadtest", "--host", hung_server]
+    command += ["--personality", "cheerful", "--users", "2", "--spawn-rate", "2"]
+    command += ["--run-time", "2", "--stop-timeout", "1", "--data", str(data), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["total"]["requests"] == 2, verdict
+    assert verdict["total"]["failures"] == 2, verdict
+    assert "no answer before the run ended" in done.stdout + done.stderr  # the error report
