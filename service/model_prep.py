@@ -62,6 +62,41 @@ TINY_CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+#: Recipe of the prepared gemma directory. 2: the tokenizer has `GEMMA_CHAT_TEMPLATE` and
+#: generation stops at `<end_of_turn>` too. A prepared directory of an older recipe is
+#: rebuilt by `prepare_default_model`.
+GEMMA_RECIPE = 2
+#: End-of-turn token of gemma-3's chat format (id 106 in its vocabulary).
+GEMMA_END_OF_TURN = "<end_of_turn>"
+#: Chat template given to the prepared gemma-3-270m: the layout of Google's gemma-3
+#: instruction-tuned models (`<start_of_turn>user\n...<end_of_turn>\n`, the assistant
+#: role named `model`, a system message folded into the first user turn), text only.
+#: It has no `{{ bos_token }}`: the tokenizer prepends `<bos>` itself (`_restore_bos`), so
+#: a rendered prompt tokenised by vLLM or by training gets exactly one. The base model
+#: never saw this format: it is for LoRA adapters trained with it (`fastresp train sft`),
+#: which the gateway serves in chat mode.
+GEMMA_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
 Progress = Callable[[str], None]
 
 
@@ -357,8 +392,10 @@ def prepare_default_model(
     builds left by crashed runs are removed.
 
     The saved tokenizer prepends `<bos>` as the GGUF asks (see `_restore_bos`). The
-    GGUF carries no chat template (it is the base model), so the tokenizer has none:
-    prompt it few-shot, or give a chat template explicitly.
+    GGUF carries no chat template (it is the base model); the tokenizer gets gemma-3's
+    chat layout (`GEMMA_CHAT_TEMPLATE`) for the adapters trained in it, and generation
+    stops at `<eos>` or `<end_of_turn>`. Served without an adapter it is prompted
+    few-shot. A directory prepared by an older recipe (`GEMMA_RECIPE`) is rebuilt.
 
     Args:
         target: The model directory to create, e.g. `Settings.default_model_dir()`.
@@ -392,7 +429,18 @@ def prepare_default_model(
             return PrepareResult(target, True, time.monotonic() - started)
         _clean_stale_partials(target, say)
         if target.exists() or target.is_symlink():
-            if is_prepared(target) and not force:
+            marker = read_marker(target)
+            if (
+                is_prepared(target)
+                and not force
+                and marker
+                and marker["model"] == DEFAULT_MODEL_NAME
+            ):
+                say(
+                    f"{target} was prepared by an older recipe "
+                    f"({marker.get('recipe', 1)}, now {GEMMA_RECIPE}), rebuilding it"
+                )
+            elif is_prepared(target) and not force:
                 say(f"found another model at {target}, replacing it with {DEFAULT_MODEL_NAME}")
             elif is_prepared(target):
                 say(f"rebuilding the prepared model at {target} (forced)")
@@ -414,7 +462,11 @@ def _is_default_model(path: Path) -> bool:
     if not is_prepared(path):
         return False
     marker = read_marker(path)
-    return marker is not None and marker["model"] == DEFAULT_MODEL_NAME
+    return (
+        marker is not None
+        and marker["model"] == DEFAULT_MODEL_NAME
+        and marker.get("recipe") == GEMMA_RECIPE
+    )
 
 
 def _build_default_model(workdir: Path, steps: _Steps) -> Path:
@@ -449,6 +501,8 @@ def _build_default_model(workdir: Path, steps: _Steps) -> Path:
             model_dir,
             {
                 "model": DEFAULT_MODEL_NAME,
+                "recipe": GEMMA_RECIPE,
+                "chat_template": "gemma-3 (service.model_prep.GEMMA_CHAT_TEMPLATE)",
                 "source": {"package": GEMMA_PACKAGE, "version": version, "gguf_file": gguf_name},
                 "gguf_sha256": sha256,
                 "transformers_version": transformers.__version__,
@@ -491,8 +545,15 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> str:
             f"state_dict mismatch converting the GGUF: missing {missing}, unexpected {unexpected}"
         )
     del state
+    # Stop at <eos> and, for chat-mode adapters, at <end_of_turn> (as gemma-3-it does).
+    end_of_turn = tokenizer.convert_tokens_to_ids(GEMMA_END_OF_TURN)
+    if not isinstance(end_of_turn, int) or end_of_turn == tokenizer.unk_token_id:
+        raise ModelPrepError(f"the gemma tokenizer has no {GEMMA_END_OF_TURN} token")
+    plain.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     plain.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    # In tokenizer_config.json, where every tokenizer loader looks for it (as the tiny model).
+    tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
     return str(dtype).removeprefix("torch.")
 
 

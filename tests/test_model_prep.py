@@ -228,6 +228,7 @@ def _fake_builder(source: Path) -> Callable[[Path, object], Path]:
         shutil.copytree(source, model_dir)
         marker = json.loads((model_dir / MARKER).read_text())
         marker["model"] = model_prep.DEFAULT_MODEL_NAME
+        marker["recipe"] = model_prep.GEMMA_RECIPE
         (model_dir / MARKER).write_text(json.dumps(marker))
         return model_dir
 
@@ -387,7 +388,22 @@ def test_rebuilt_gemma_loads_and_knows_the_sky_is_blue(rebuilt_gemma: Rebuilt) -
     tokenizer = AutoTokenizer.from_pretrained(rebuilt_gemma.target)
     model: Any = AutoModelForCausalLM.from_pretrained(rebuilt_gemma.target)
     assert model.dtype == torch.bfloat16
-    assert tokenizer.chat_template is None  # the GGUF has none; it is a base model
+    # The GGUF has no chat template; the prepared tokenizer has gemma-3's layout, with
+    # exactly one <bos> once tokenised (the template itself writes none).
+    messages = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == (
+        "<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+    )
+    ids = tokenizer(rendered).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert model.generation_config.eos_token_id == [1, 106]
+    assert tokenizer.convert_ids_to_tokens(106) == "<end_of_turn>"
     inputs = tokenizer("Q: What colour is the sky?\nA:", return_tensors="pt")
     assert inputs.input_ids[0, 0].item() == tokenizer.bos_token_id == 2
     with torch.no_grad():
