@@ -263,6 +263,19 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.translate(_APOSTROPHES).lower())
 
 
+def word_tokens(text: str) -> list[str]:
+    """Lower-case words and digit runs of `text`, punctuation dropped ("Ooh, 12 cats!" ->
+    ["ooh", "12", "cats"]): the unit of n-gram and opener statistics."""
+    return _tokens(text)
+
+
+def opener(text: str, words: int = 2) -> str:
+    """The first `words` word tokens of `text`, lower-cased, punctuation dropped, joined by
+    one space ("Great try!  Let's see" -> "great try"): what makes fast responses sound
+    canned when it repeats. "" for a text without words."""
+    return " ".join(_tokens(text)[:words])
+
+
 def _stem(word: str) -> str:
     """A crude singular: "trucks" -> "truck", "berries" -> "berry", "'s" dropped."""
     if word.endswith("'s"):
