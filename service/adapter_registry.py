@@ -103,7 +103,9 @@ class AdapterRegistry:
     """Personality -> active LoRA adapter, over one engine and one shared store.
 
     Build it, `await start()` (loads the manifest's adapters and the store's newer
-    versions, then follows the store), and `await close()` at shutdown.
+    versions, then follows the store), and `await close()` at shutdown. `origins`
+    (personality -> text) says where a personality's manifest adapter really comes
+    from, e.g. the published-adapter store, for startup error messages.
     """
 
     def __init__(
@@ -114,8 +116,12 @@ class AdapterRegistry:
         max_lora_rank: int,
         store: RegistryStore,
         metrics: Metrics,
+        *,
+        origins: Mapping[str, str] | None = None,
     ) -> None:
         self._engine = engine
+        # Where a personality's startup adapter comes from, for error messages.
+        self._origins = dict(origins or {})
         self._personalities = dict(personalities)
         self._base = base_model
         self._max_lora_rank = max_lora_rank
@@ -251,7 +257,8 @@ class AdapterRegistry:
                 )
                 slot = await self._load(name, validated)
             except FastResponseError as exc:
-                exc.message = f"personality {name!r} in the manifest: {exc.message}"
+                origin = self._origins.get(name, "the manifest")
+                exc.message = f"personality {name!r} in {origin}: {exc.message}"
                 exc.args = (exc.message,)
                 raise
             self._switch(self._states[name], slot, 0)

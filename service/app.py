@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import admin
 from service.adapter_registry import AdapterRegistry
+from service.adapter_store import apply_published
 from service.adapter_validation import BaseModelInfo
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
@@ -192,14 +193,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     Raises (at startup, from the lifespan):
         ManifestError: bad personalities file.
-        AdapterRejected, AdapterLoadFailed: a configured adapter (from the manifest or
-            the shared registry) failed validation or loading.
+        PublishedStoreError: the published-adapter store's `published.json` is
+            unreadable or invalid (service/adapter_store.py).
+        AdapterRejected, AdapterLoadFailed: a configured adapter (from the manifest,
+            the published-adapter store or the shared registry) failed validation or
+            loading.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with AsyncExitStack() as stack:
             personalities = load_personalities(settings.personalities_file)
+            # Before the engine starts: a bad published.json fails startup at once.
+            personalities, origins = await asyncio.to_thread(
+                apply_published, personalities, settings.resolved_adapter_store()
+            )
             running = engine
             if running is None:
                 running = await start_engine(settings)
@@ -216,7 +224,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             store = open_registry_store(settings)
             stack.push_async_callback(store.close)
             registry = AdapterRegistry(
-                running, personalities, base_model, settings.max_lora_rank, store, metrics
+                running,
+                personalities,
+                base_model,
+                settings.max_lora_rank,
+                store,
+                metrics,
+                origins=origins,
             )
             # An engine the gateway does not own (shared in tests, or remote upstreams)
             # outlives it, so the gateway unloads its adapters from it on shutdown.

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     personalities_file: Path = Field(default_factory=default_personalities_file)
     """YAML manifest of the personalities served."""
 
+    adapter_store: Path | None = None
+    """Published-adapter store (`fastresp adapters publish` writes it; see
+    service/adapter_store.py). At startup each personality's active published version
+    replaces the manifest's adapter. None: `<cache_dir>/adapters`. A missing folder
+    means the manifest alone."""
+
     host: str = "127.0.0.1"
     """Address the HTTP server binds."""
 
@@ -177,6 +183,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
 
+    @field_validator("max_lora_rank", mode="before")
+    @classmethod
+    def _rank_from_env(cls, value: object) -> object:
+        """`FASTRESP_MAX_LORA_RANK=8` arrives as the string "8", which a Literal of ints
+        refuses; read a string of digits as its integer."""
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        return value
+
     @field_validator("engine_urls", mode="before")
     @classmethod
     def _split_engine_urls(cls, value: object) -> object:
@@ -236,6 +251,10 @@ class Settings(BaseSettings):
     def resolved_model(self) -> Path:
         """The model directory to serve: `model`, or the prepared default."""
         return self.model if self.model is not None else self.default_model_dir()
+
+    def resolved_adapter_store(self) -> Path:
+        """The published-adapter store: `adapter_store`, or `<cache_dir>/adapters`."""
+        return self.adapter_store if self.adapter_store is not None else self.cache_dir / "adapters"
 
     def resolved_deadline_ms(self, device: str) -> int:
         """The deadline in ms: the configured one, or the default for `device` ("cpu"/"cuda")."""

@@ -62,6 +62,8 @@ def engine_settings(model: Path, **overrides: Any) -> Settings:
         "enforce_eager": True,
         "personalities_file": TEST_DATA / "personalities.yaml",
         "deadline_ms": 10_000,
+        # Not the developer's ~/.cache store: adapters published there are not for tests.
+        "adapter_store": TEST_DATA / "no-published-adapters",
     }
     values.update(overrides)
     return Settings(**values)
