@@ -150,6 +150,15 @@ def write_jsonl_atomic(lines: Iterable[str], path: Path) -> int:
     return count
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, ending with one newline (see `write_jsonl_atomic`).
+
+    Raises:
+        OSError: The directory is missing or not writable; `path` is then untouched.
+    """
+    write_jsonl_atomic([text.rstrip("\n")], path)
+
+
 # --- sources to triples -----------------------------------------------------------------
 
 

@@ -12,8 +12,11 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from service.cli_adapters import app as adapters_app
 from service.cli_data import app as data_app
+from service.cli_eval import app as eval_app
 from service.cli_loadtest import loadtest as loadtest_command
+from service.cli_train import app as train_app
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -32,6 +35,9 @@ engine_app = typer.Typer(
 )
 app.add_typer(engine_app, name="engine")
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(eval_app, name="eval")
 app.command(name="loadtest")(loadtest_command)
 
 
