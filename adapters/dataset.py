@@ -47,19 +47,17 @@ Build rules (`build_dataset`):
   to every split, so evaluation sees both cases (DESIGN.md: the main response is
   often not ready at serving time).
 
-Only the standard library, pydantic and the service's prompt and manifest modules are
-imported here: no training stack.
+Only the standard library, pydantic and the service's prompt, manifest and atomic-write
+modules are imported here: no training stack.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.labels import LabeledRow, read_rows
 from adapters.sources import SkipCounts, SourceKind, Triple, load_triples
+from service.atomic_files import write_atomic
 from service.personalities import load_personalities
 from service.prompts import PROMPT_VERSION, system_text
 
@@ -105,17 +104,13 @@ def _unit_interval(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return mask
-
-
 def write_jsonl_atomic(lines: Iterable[str], path: Path) -> int:
     """Write `lines` (each one JSON object, no newline) to `path` atomically.
 
     The lines go to a temporary file beside `path`, which is fsynced and then renamed
-    over `path` (`os.replace`), so a failed or killed run leaves `path` as it was.
+    over `path` (`service.atomic_files.write_atomic`), so a failed or killed run leaves
+    `path` as it was. The file gets the mode a plain open() would (0666 less the
+    umask), so the training job can read the data.
 
     Returns:
         The number of lines written.
@@ -123,30 +118,16 @@ def write_jsonl_atomic(lines: Iterable[str], path: Path) -> int:
     Raises:
         OSError: The directory is missing or not writable; `path` is then untouched.
     """
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-        "w",
-        encoding="utf-8",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-    )
     count = 0
-    try:
-        with handle:
-            for line in lines:
-                handle.write(line)
-                handle.write("\n")
-                count += 1
-            handle.flush()
-            # NamedTemporaryFile creates the file 0600; give it the mode a plain open()
-            # would (0666 less the umask), so the training job can read the data.
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+
+    def numbered() -> Iterator[str]:
+        nonlocal count
+        for line in lines:
+            yield line
+            yield "\n"
+            count += 1
+
+    write_atomic(path, numbered())
     return count
 
 

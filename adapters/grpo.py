@@ -43,11 +43,12 @@ mean. It writes a folder the gateway can serve, like `fastresp train sft`.
   included (weight 0 logs a reward without training on it).
 - **Nothing half-written.** Training runs in a hidden sibling folder
   (``.<name>.partial-<pid>``), renamed into ``output_dir`` at the end, as in
-  `adapters.sft`.
+  `adapters.sft` (both use `adapters.training_output`).
 
 The output folder holds the PEFT adapter, ``fastresp_card.json`` (kind ``grpo``: the
 parent SFT card embedded, reward weights, each reward's mean at the first and the last
-logged step, the judge's failures; base model in the SFT card's format),
+logged step, the judge's failures; base model and the closing run fields as in the SFT
+card: `adapters.training_output`),
 ``log_history.json`` and ``reward_curve.png``.
 
 torch, transformers, peft, trl and datasets are imported inside `train_grpo`:
@@ -58,13 +59,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,34 +78,33 @@ from adapters.rewards import (
     judge_api_key,
     load_judge_prompt,
 )
-from adapters.sft import (
-    _clock,
-    _fsync_dir,
-    _git_commit,
-    _model_name,
-    _swap_into_place,
-    _versions,
-    _write_file,
-    file_sha256,
-)
 from adapters.sft_format import TrainingDataError, read_training_rows, row_turn, training_prompt
 from adapters.train_config import (
     ConfigPath,
     GRPOConfig,
     JudgeSettings,
     TrainConfigError,
-    _error_lines,
+    error_lines,
+)
+from adapters.training_output import (
+    Progress,
+    base_model_card,
+    file_sha256,
+    partial_output_dir,
+    progress_callback,
+    run_card_fields,
+    set_base_model_name,
+    trainer_arguments,
+    write_card,
+    write_log_history,
 )
 from service.adapter_validation import ADAPTER_CARD, ADAPTER_CONFIG, BaseModelInfo
+from service.atomic_files import swap_into_place
 from service.personalities import Personality, load_personalities
-from service.prompts import PROMPT_VERSION
 from service.text_checks import FilterLimits
-
-Progress = Callable[[str], None]
 
 CARD_FORMAT = 1
 """Version of `fastresp_card.json`'s layout (the SFT card's format, kind "grpo")."""
-LOG_HISTORY = "log_history.json"
 REWARD_CURVE = "reward_curve.png"
 REWARD_METRIC = "rewards/{name}/mean"
 """The key TRL logs each reward's batch mean under."""
@@ -201,17 +198,7 @@ def as_train_config(config: GRPOConfig) -> GRPOTrainConfig:
     try:
         return GRPOTrainConfig.model_validate(config.model_dump())
     except ValidationError as exc:
-        raise TrainConfigError(_error_lines(exc)) from None
-
-
-def base_model_card(model_dir: Path) -> dict[str, str]:
-    """The card's ``base_model`` entry, in the SFT card's format: name, path, sha256
-    of config.json."""
-    return {
-        "name": _model_name(model_dir),
-        "path": str(model_dir),
-        "config_sha256": file_sha256(model_dir / "config.json"),
-    }
+        raise TrainConfigError(error_lines(exc)) from None
 
 
 def sft_card(sft_adapter: Path, base_model: Path) -> dict[str, Any]:
@@ -353,41 +340,27 @@ def reward_means(entry: Mapping[str, Any], names: Sequence[str]) -> dict[str, fl
     return {name: float(entry[key]) for name, key in zip(names, keys, strict=True)}
 
 
-def _progress_callback(progress: Progress, names: Sequence[str]) -> Any:
-    """A TrainerCallback printing one line per logging step: each reward's mean, the
-    weighted total, the KL when measured, elapsed time and ETA."""
-    from transformers import TrainerCallback
-
+def _log_line(names: Sequence[str]) -> Callable[[Any, Mapping[str, Any]], str | None]:
+    """The progress line of a logging step (without elapsed and ETA): each reward's
+    mean, the weighted total, the KL when measured, the judge's failures; None for a
+    log without the reward means."""
     short = {name: name.removeprefix("reward_") for name in names}
 
-    class RewardLines(TrainerCallback):
-        def __init__(self) -> None:
-            self.started = time.monotonic()
+    def line(state: Any, logs: Mapping[str, Any]) -> str | None:
+        means = reward_means(logs, names)
+        if means is None:
+            return None
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{short[name]} {value:.2f}" for name, value in means.items()]
+        if isinstance(logs.get("reward"), int | float):
+            parts.append(f"total {logs['reward']:.2f}")
+        if isinstance(logs.get("kl"), int | float):
+            parts.append(f"kl {logs['kl']:.4f}")
+        if isinstance(logs.get("judge/failures"), int | float):
+            parts.append(f"judge failures {logs['judge/failures']:.1f}")
+        return "  ".join(parts)
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started = time.monotonic()
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
-        ) -> None:
-            means = reward_means(logs or {}, names)
-            if means is None:
-                return
-            step, total = state.global_step, state.max_steps
-            elapsed = time.monotonic() - self.started
-            eta = _clock(elapsed / step * (total - step)) if step else "?"
-            parts = [f"step {step}/{total}"]
-            parts += [f"{short[name]} {value:.2f}" for name, value in means.items()]
-            if isinstance(logs.get("reward"), int | float):
-                parts.append(f"total {logs['reward']:.2f}")
-            if isinstance(logs.get("kl"), int | float):
-                parts.append(f"kl {logs['kl']:.4f}")
-            if isinstance(logs.get("judge/failures"), int | float):
-                parts.append(f"judge failures {logs['judge/failures']:.1f}")
-            parts += [f"elapsed {_clock(elapsed)}", f"eta {eta}"]
-            progress("  ".join(parts))
-
-    return RewardLines()
+    return line
 
 
 def plot_reward_curve(
@@ -481,18 +454,14 @@ def train_grpo(config: GRPOConfig, progress: Progress) -> GRPOResult:
     personality = load_personalities(config.personalities_file)[config.personality]
     judge = make_judge(config.judge) if config.judge is not None else None
     output_dir = config.output_dir
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    workdir = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir()
-    try:
-        card = _train(config, personality, judge, workdir, progress)
-        _swap_into_place(workdir / "adapter", output_dir, workdir)
-        return GRPOResult(output_dir=output_dir, card=card)
-    finally:
-        if judge is not None:
-            judge.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with partial_output_dir(output_dir) as workdir:
+        try:
+            card = _train(config, personality, judge, workdir, progress)
+            swap_into_place(workdir / "adapter", output_dir, workdir)
+            return GRPOResult(output_dir=output_dir, card=card)
+        finally:
+            if judge is not None:
+                judge.close()
 
 
 def _train(
@@ -558,31 +527,15 @@ def _train(
     base = AutoModelForCausalLM.from_pretrained(str(config.base_model), dtype=dtype)
     model = PeftModel.from_pretrained(base, str(config.sft_adapter), is_trainable=True)
     args = TRLGRPOConfig(
-        output_dir=str(workdir / "checkpoints"),
-        num_train_epochs=config.epochs or 1.0,
-        max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        **trainer_arguments(config, workdir, cuda),
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
         beta=config.beta,
         reward_weights=reward_weights,
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
         save_strategy="no",
         use_vllm=False,
-        use_cpu=not cuda,
-        bf16=cuda,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        disable_tqdm=True,
         log_completions=False,
-        dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -590,7 +543,7 @@ def _train(
         args=args,
         train_dataset=Dataset.from_list(prompts.rows),
         processing_class=tokenizer,
-        callbacks=[_progress_callback(progress, names)],
+        callbacks=[progress_callback(progress, _log_line(names))],
     )
     # With tqdm off, transformers prints every log dict (PrinterCallback); the progress
     # lines above say what matters, once per step.
@@ -623,7 +576,9 @@ def _train(
     adapter = workdir / "adapter"
     trained: Any = trainer.model
     trained.save_pretrained(str(adapter), safe_serialization=True, selected_adapters=["default"])
-    _copy_base_model_name(config.sft_adapter, adapter)
+    # PEFT keeps the loaded value already; this makes it explicit, so both are served alike.
+    sft_config = json.loads((config.sft_adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    set_base_model_name(adapter, sft_config.get("base_model_name_or_path"))
     hyperparameters = config.model_dump(mode="json")
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
@@ -641,29 +596,11 @@ def _train(
             "judge": judge_card,
         },
         "metrics": {"steps": trainer.state.global_step},
-        "prompt_version": PROMPT_VERSION,
-        "libraries": _versions(),
-        "git_commit": _git_commit(),
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
-        "training_seconds": round(time.monotonic() - started, 1),
-        "created_utc": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "version": None,
+        **run_card_fields(device, str(dtype).removeprefix("torch."), time.monotonic() - started),
     }
-    _write_file(adapter / LOG_HISTORY, json.dumps(history, indent=1).encode())
+    write_log_history(adapter, history)
     plot_reward_curve(
         history, names, adapter / REWARD_CURVE, f"GRPO {config.personality}: rewards per step"
     )
-    _write_file(adapter / ADAPTER_CARD, (json.dumps(card, indent=2) + "\n").encode())
-    _fsync_dir(adapter)
+    write_card(adapter, card)
     return card
-
-
-def _copy_base_model_name(sft_adapter: Path, adapter: Path) -> None:
-    """Give the new adapter the SFT adapter's `base_model_name_or_path` (PEFT keeps the
-    loaded value already; this makes it explicit, so both are served alike)."""
-    source = json.loads((sft_adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    file = adapter / ADAPTER_CONFIG
-    config = json.loads(file.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = source.get("base_model_name_or_path")
-    _write_file(file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -55,7 +55,6 @@ import httpx
 from service.adapter_store import (
     PublishedPersonality,
     PublishedVersion,
-    fsync_dir,
     read_published,
     store_lock,
     write_published,
@@ -66,6 +65,7 @@ from service.adapter_validation import (
     BaseModelInfo,
     validate_adapter,
 )
+from service.atomic_files import fsync_dir, fsync_file, write_synced
 from service.errors import AdapterRejected
 from service.personalities import ManifestError, load_personalities
 
@@ -239,8 +239,7 @@ def _copy_files(source: Path, target: Path) -> None:
         if not item.is_file():
             continue
         shutil.copyfile(item, target / item.name)
-        with (target / item.name).open("rb+") as copied:
-            os.fsync(copied.fileno())
+        fsync_file(target / item.name)
 
 
 def _next_number(entry: PublishedPersonality, folder: Path) -> int:
@@ -273,9 +272,8 @@ def _record(
         version = f"v{_next_number(entry, folder)}"
         final = folder / version
         card_file = partial / ADAPTER_CARD
-        card_file.write_text(json.dumps({**card, "version": version}, indent=2) + "\n")
-        with card_file.open("rb+") as written:
-            os.fsync(written.fileno())
+        text = json.dumps({**card, "version": version}, indent=2) + "\n"
+        write_synced(card_file, text.encode())
         folder.mkdir(exist_ok=True)
         partial.rename(final)  # fails, rather than merge, if the folder exists
         fsync_dir(folder)

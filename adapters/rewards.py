@@ -69,12 +69,10 @@ stack (torch, trl) is imported here.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -84,8 +82,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
+from adapters.llm_calls import (
+    NO_PIKA_TURN,
+    NOT_KNOWN,
+    PromptFile,
+    backoff_wait,
+    is_retryable,
+    read_prompt_file,
+)
 from service.text_checks import DEFAULT_LIMITS, FilterLimits, failed_filters, opener
 
 log = logging.getLogger(__name__)
@@ -99,12 +103,6 @@ DEFAULT_JUDGE_PROMPT = PROMPTS_DIR / "grpo-judge-v1.yaml"
 
 JUDGE_NAME = "reward_judge"
 """The judge's metric name (`JudgeReward.__name__`)."""
-
-NOT_KNOWN = "not known yet"
-"""The main response as the judge prompt shows it when it is None."""
-
-NO_PIKA_TURN = "none (the conversation starts here)"
-"""Pika's previous turn as the judge prompt shows it when it is None."""
 
 
 # --- the rule rewards ---------------------------------------------------------------
@@ -366,18 +364,11 @@ class JudgePromptError(ValueError):
 JUDGE_PLACEHOLDERS: frozenset[str] = frozenset(
     {"personality", "pika_turn", "user_turn", "main_response", "fast_response"}
 )
-_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
 @dataclass(frozen=True)
-class JudgePrompt:
+class JudgePrompt(PromptFile):
     """The judge's prompt: a fixed system message and a user-message template."""
-
-    version: str
-    sha256: str
-    """SHA-256 (hex) of the prompt file's bytes."""
-    system: str
-    user_template: str
 
     def messages(
         self,
@@ -389,50 +380,28 @@ class JudgePrompt:
         fast_response: str,
     ) -> list[dict[str, str]]:
         """The chat messages asking for a score of `fast_response`."""
-        values = {
-            "personality": personality,
-            "pika_turn": pika_turn or NO_PIKA_TURN,
-            "user_turn": user_turn,
-            "main_response": main_response or NOT_KNOWN,
-            "fast_response": fast_response,
-        }
-        user = _PLACEHOLDER.sub(lambda match: values[match.group(1)], self.user_template)
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        return self.render(
+            {
+                "personality": personality,
+                "pika_turn": pika_turn or NO_PIKA_TURN,
+                "user_turn": user_turn,
+                "main_response": main_response or NOT_KNOWN,
+                "fast_response": fast_response,
+            }
+        )
 
 
 def load_judge_prompt(path: Path = DEFAULT_JUDGE_PROMPT) -> JudgePrompt:
-    """Read and check a judge prompt file (``version``, ``system``, ``user``).
+    """Read and check a judge prompt file (``version``, ``system``, ``user``;
+    `adapters.llm_calls.read_prompt_file`).
 
     Raises:
         JudgePromptError: unreadable, not a mapping, a missing or empty field, a
             placeholder in ``system``, or ``user`` placeholders other than exactly
             `JUDGE_PLACEHOLDERS`.
     """
-    try:
-        data = path.read_bytes()
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise JudgePromptError(f"cannot read judge prompt file {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise JudgePromptError(f"{path}: expected a mapping with version, system and user")
-    fields: dict[str, str] = {}
-    for name in ("version", "system", "user"):
-        value = raw.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise JudgePromptError(f"{path}: '{name}' must be a non-empty string")
-        fields[name] = value
-    if _PLACEHOLDER.search(fields["system"]):
-        raise JudgePromptError(f"{path}: 'system' must have no placeholders (shared prefix)")
-    used = set(_PLACEHOLDER.findall(fields["user"]))
-    if used != JUDGE_PLACEHOLDERS:
-        unknown = ", ".join(sorted(used - JUDGE_PLACEHOLDERS)) or "none"
-        missing = ", ".join(sorted(JUDGE_PLACEHOLDERS - used)) or "none"
-        raise JudgePromptError(f"{path}: 'user' placeholders: unknown {unknown}; missing {missing}")
-    return JudgePrompt(
-        version=fields["version"].strip(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        system=fields["system"],
-        user_template=fields["user"],
+    return read_prompt_file(
+        path, JudgePrompt, JUDGE_PLACEHOLDERS, JudgePromptError, "judge prompt file"
     )
 
 
@@ -508,7 +477,7 @@ class JudgeReward:
     `openai.OpenAI` client is made on the first call and reused; the completions of a
     batch are scored `concurrency` at a time on a thread pool. Each request is retried
     with exponential backoff and jitter (tenacity) on 429, 408, 5xx, timeouts and
-    connection errors (the same classification as `adapters.teacher`); the SDK's own
+    connection errors (`adapters.llm_calls`, shared with `adapters.teacher`); the SDK's own
     retries are off.
 
     Failures never raise: a completion whose request still fails after its retries,
@@ -633,22 +602,7 @@ class JudgeReward:
 
     def _wait(self, retry_state: Any) -> float:
         """Exponential backoff with jitter, or the server's Retry-After, both capped."""
-        import openai
-
-        attempt = max(1, retry_state.attempt_number)
-        delay: float = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
-        delay = min(self.backoff_max_s, delay + random.uniform(0, min(1.0, delay)))
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, openai.APIStatusError):
-            header = exc.response.headers.get("retry-after")
-            try:
-                after = float(header) if header is not None else None
-            except ValueError:
-                after = None
-            if after is not None and after >= 0:
-                delay = min(self.backoff_max_s, max(delay, after))
-        return delay
+        return backoff_wait(retry_state, self.backoff_initial_s, self.backoff_max_s)
 
     def score_one(self, messages: list[dict[str, str]]) -> int:
         """The judge's 1-5 score for one prompt, with retries.
@@ -660,8 +614,6 @@ class JudgeReward:
         """
         from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-        from adapters.teacher import _is_retryable
-
         client = self._ensure_client()
         extra: dict[str, Any] = {}
         if self.structured_output:
@@ -669,7 +621,7 @@ class JudgeReward:
         for attempt in Retrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self._wait,
-            retry=retry_if_exception(_is_retryable),
+            retry=retry_if_exception(is_retryable),
             reraise=True,
         ):
             with attempt:

@@ -18,12 +18,14 @@ personality with TRL's `SFTTrainer` and writes a folder the gateway can serve:
 - **Device.** CUDA when available, in bf16; otherwise the CPU in float32 (bf16 on a
   CPU without native support is emulated and slow).
 - **Nothing half-written.** Training runs in a hidden sibling folder
-  (`.<name>.partial-<pid>`); the finished adapter is renamed into `output_dir` at the
-  end (a previous output there is replaced only with `overwrite`). On any failure the
-  sibling is removed and `output_dir` is as it was.
+  (`.<name>.partial-<pid>`, `adapters.training_output.partial_output_dir`); the
+  finished adapter is renamed into `output_dir` at the end (a previous output there is
+  replaced only with `overwrite`). On any failure the sibling is removed and
+  `output_dir` is as it was. Work folders of killed runs are removed first.
 
 The output folder holds the PEFT adapter (`adapter_config.json`,
-`adapter_model.safetensors`), `fastresp_card.json` (`CARD_FORMAT`; see `_card`),
+`adapter_model.safetensors`), `fastresp_card.json` (`CARD_FORMAT`; see `_card`; the
+provenance fields shared with GRPO come from `adapters.training_output`),
 `log_history.json` (the trainer's log) and `loss_curve.png`.
 
 torch, transformers, peft, trl and datasets are imported inside `train_sft`: importing
@@ -33,17 +35,10 @@ this module stays cheap.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +52,28 @@ from adapters.sft_format import (
     training_prompt,
 )
 from adapters.train_config import SFTConfig, check_output_dir, resolve_target_modules
-from service.adapter_validation import ADAPTER_CARD, MODEL_MARKER
+from adapters.training_output import (
+    Progress,
+    base_model_card,
+    file_sha256,
+    partial_output_dir,
+    progress_callback,
+    remove_stale_workdirs,
+    run_card_fields,
+    set_base_model_name,
+    trainer_arguments,
+    write_card,
+    write_log_history,
+)
+from service.atomic_files import swap_into_place, umask
 from service.personalities import Personality, load_personalities
-from service.prompts import PROMPT_VERSION, system_text
-
-Progress = Callable[[str], None]
+from service.prompts import system_text
 
 #: Version of `fastresp_card.json`'s layout.
 CARD_FORMAT = 1
-LOG_HISTORY = "log_history.json"
 LOSS_CURVE = "loss_curve.png"
-#: Libraries whose versions go into the card.
-LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets")
 #: Evaluations per run when `eval_steps` is not set (about every 10%).
 DEFAULT_EVALUATIONS = 10
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,15 +115,6 @@ class SFTResult:
         return metrics
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_split(
     path: Path,
     personality: Personality,
@@ -155,67 +147,6 @@ def load_split(
             continue
         examples.append(example)
     return SplitData(path, file_sha256(path), examples, too_long, other, other_system)
-
-
-def _model_name(model_dir: Path) -> str:
-    """The prepared model's name (its marker's `model`), else the folder's name."""
-    marker = model_dir / MODEL_MARKER
-    if marker.is_file():
-        try:
-            name = json.loads(marker.read_text(encoding="utf-8")).get("model")
-        except (OSError, ValueError, AttributeError):
-            name = None
-        if isinstance(name, str) and name:
-            return name
-    return model_dir.name
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout this code runs from; None outside a git checkout."""
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and len(commit) == 40 else None
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write and fsync (the folder is renamed into place afterwards)."""
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def total_steps(config: SFTConfig, train_rows: int) -> int:
@@ -253,44 +184,23 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: Path, title: str) -
     figure.savefig(str(path), format="png")
 
 
-def _progress_callback(progress: Progress) -> Any:
-    """A TrainerCallback that reports each log and evaluation as one line."""
-    from transformers import TrainerCallback
+def _log_line(state: Any, logs: Mapping[str, Any]) -> str | None:
+    """The progress line of a training log (without elapsed and ETA); None without a loss."""
+    if "loss" not in logs:
+        return None
+    return (
+        f"step {state.global_step}/{state.max_steps}  epoch {state.epoch or 0:.2f}  "
+        f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0.0):.2e}"
+    )
 
-    class ProgressLines(TrainerCallback):
-        def __init__(self) -> None:
-            self.started = time.monotonic()
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started = time.monotonic()
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
-        ) -> None:
-            if not logs or "loss" not in logs:
-                return
-            step, total = state.global_step, state.max_steps
-            elapsed = time.monotonic() - self.started
-            eta = elapsed / step * (total - step) if step else float("nan")
-            line = (
-                f"step {step}/{total}  epoch {state.epoch or 0:.2f}  loss {logs['loss']:.4f}  "
-                f"lr {logs.get('learning_rate', 0.0):.2e}  elapsed {_clock(elapsed)}  "
-                f"eta {_clock(eta) if step else '?'}"
-            )
-            progress(line)
-
-        def on_evaluate(
-            self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
-        ) -> None:
-            if metrics and "eval_loss" in metrics:
-                where = (
-                    f"step {state.global_step}/{state.max_steps}"
-                    if state.global_step
-                    else "before training"
-                )
-                progress(f"eval  {where}  validation loss {metrics['eval_loss']:.4f}")
-
-    return ProgressLines()
+def _eval_line(state: Any, metrics: Mapping[str, Any]) -> str | None:
+    """The progress line of an evaluation; None without a validation loss."""
+    if "eval_loss" not in metrics:
+        return None
+    step = state.global_step
+    where = f"step {step}/{state.max_steps}" if step else "before training"
+    return f"eval  {where}  validation loss {metrics['eval_loss']:.4f}"
 
 
 def _card(
@@ -311,25 +221,14 @@ def _card(
         "format": CARD_FORMAT,
         "kind": "sft",
         "personality": config.personality,
-        "base_model": {
-            "name": _model_name(config.base_model),
-            "path": str(config.base_model),
-            "config_sha256": file_sha256(config.base_model / "config.json"),
-        },
+        "base_model": base_model_card(config.base_model),
         "data": {
             "train": train.card(),
             "validation": validation.card() if validation is not None else None,
         },
         "hyperparameters": hyperparameters,
         "metrics": metrics,
-        "prompt_version": PROMPT_VERSION,
-        "libraries": _versions(),
-        "git_commit": _git_commit(),
-        "device": device,
-        "dtype": dtype,
-        "training_seconds": round(seconds, 1),
-        "created_utc": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "version": None,
+        **run_card_fields(device, dtype, seconds),
     }
 
 
@@ -372,37 +271,10 @@ def _no_progress_bars() -> Iterator[None]:
 def _normalise_modes(directory: Path) -> None:
     """Files readable as the umask allows (safetensors writes 0600 temp files): a
     vLLM server running as another user must read the adapter."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
+    mask = umask()
     for file in directory.iterdir():
         if file.is_file():
             file.chmod(0o666 & ~mask)
-
-
-def _remove_stale_workdirs(output_dir: Path, progress: Progress) -> None:
-    """Delete work folders of earlier runs for `output_dir` whose process is gone (a
-    killed run cannot clean up after itself)."""
-    prefix = f".{output_dir.name}.partial-"
-    for workdir in output_dir.parent.glob(f"{prefix}*"):
-        pid = workdir.name.removeprefix(prefix)
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            progress(f"removing the work folder of a run that ended without cleaning up: {workdir}")
-            shutil.rmtree(workdir, ignore_errors=True)
-        except PermissionError:  # another user's live process
-            continue
-
-
-def _swap_into_place(built: Path, target: Path, workdir: Path) -> None:
-    """Rename `built` to `target`; an existing `target` is first moved into `workdir`
-    (deleted with it), so `target` is always the old folder, absent, or the new one."""
-    if target.exists():
-        os.replace(target, workdir / "replaced")
-    os.replace(built, target)
-    _fsync_dir(target.parent)
 
 
 def train_sft(config: SFTConfig, progress: Progress) -> SFTResult:
@@ -426,20 +298,14 @@ def train_sft(config: SFTConfig, progress: Progress) -> SFTResult:
     target_modules = resolve_target_modules(config.lora, config.base_model_info())
     personality = load_personalities(config.personalities_file)[config.personality]
     output_dir = config.output_dir
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_workdirs(output_dir, progress)
-    workdir = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir()
-    try:
+    remove_stale_workdirs(output_dir, progress)
+    with partial_output_dir(output_dir) as workdir:
         with _no_progress_bars():
             result = _train(config, personality, target_modules, workdir, progress)
         _normalise_modes(workdir / "adapter")
         check_output_dir(output_dir, config.overwrite)  # again: it may have changed since
-        _swap_into_place(workdir / "adapter", output_dir, workdir)
+        swap_into_place(workdir / "adapter", output_dir, workdir)
         return SFTResult(output_dir=output_dir, card=result)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _train(
@@ -504,19 +370,10 @@ def _train(
     )
     with_validation = validation is not None
     args = TRLSFTConfig(
-        output_dir=str(workdir / "checkpoints"),
-        num_train_epochs=config.epochs or 1.0,
-        max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
+        **trainer_arguments(config, workdir, cuda),
         per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_seq_length,
         completion_only_loss=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
         eval_strategy="steps" if with_validation else "no",
         eval_steps=eval_steps,
         save_strategy="steps" if with_validation else "no",
@@ -526,13 +383,6 @@ def _train(
         load_best_model_at_end=with_validation,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        use_cpu=not cuda,
-        bf16=cuda,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(
         model=model,
@@ -541,7 +391,7 @@ def _train(
         eval_dataset=Dataset.from_list(validation.examples) if validation is not None else None,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[_progress_callback(progress)],
+        callbacks=[progress_callback(progress, _log_line, _eval_line)],
     )
     # disable_tqdm=True makes the trainer print every log dict; the callback reports.
     trainer.remove_callback(PrinterCallback)
@@ -563,7 +413,9 @@ def _train(
     adapter = workdir / "adapter"
     trained: Any = trainer.model  # the PEFT model, best checkpoint loaded
     trained.save_pretrained(str(adapter), safe_serialization=True)
-    _pin_base_model(adapter, config.base_model)
+    # The base folder's absolute path: the gateway's check (`BaseModelInfo.matches`)
+    # accepts it, and on another machine its folder name still matches.
+    set_base_model_name(adapter, str(config.base_model))
     card = _card(
         config,
         target_modules=target_modules,
@@ -574,20 +426,9 @@ def _train(
         dtype=str(dtype).removeprefix("torch."),
         seconds=time.monotonic() - started,
     )
-    _write_file(adapter / LOG_HISTORY, json.dumps(history, indent=1).encode())
+    write_log_history(adapter, history)
     plot_loss_curve(
         history, adapter / LOSS_CURVE, f"SFT {config.personality}: {card['base_model']['name']}"
     )
-    _write_file(adapter / ADAPTER_CARD, (json.dumps(card, indent=2) + "\n").encode())
-    _fsync_dir(adapter)
+    write_card(adapter, card)
     return card
-
-
-def _pin_base_model(adapter: Path, base_model: Path) -> None:
-    """Record the base model folder's absolute path as `base_model_name_or_path`; the
-    gateway's check (`BaseModelInfo.matches`) accepts it, and on another machine its
-    folder name still matches."""
-    file = adapter / "adapter_config.json"
-    config = json.loads(file.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = str(base_model)
-    _write_file(file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -41,7 +41,6 @@ Only `openai`, `tenacity`, pydantic and the standard library are imported here.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -52,11 +51,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from tenacity import RetryCallState
 
 from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
+from adapters.llm_calls import (
+    NO_PIKA_TURN,
+    NOT_KNOWN,
+    PromptFile,
+    backoff_wait,
+    is_retryable,
+    read_prompt_file,
+)
 from adapters.sources import Triple
 from service.personalities import Personality
 from service.text_checks import FilterLimits, select_candidate
@@ -72,12 +78,6 @@ API_KEY_ENV_VARS: tuple[str, ...] = ("FASTRESP_TEACHER_API_KEY", "OPENAI_API_KEY
 
 NO_API_KEY = "EMPTY"
 """Sent when no key is configured: a local vLLM server needs none, the SDK needs a value."""
-
-NOT_KNOWN = "not known yet"
-"""The main answer as the prompt shows it when the triple has none."""
-
-NO_PIKA_TURN = "none (the conversation starts here)"
-"""Pika's previous turn as the prompt shows it when the triple has none."""
 
 REPLY_EXCERPT_CHARS = 500
 """How much of an unparsable reply a rejected row keeps, for debugging."""
@@ -164,67 +164,35 @@ class TeacherConfig(BaseModel):
 PLACEHOLDERS: frozenset[str] = frozenset(
     {"k", "personality", "description", "style", "pika_turn", "user_turn", "main_response"}
 )
-_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
 @dataclass(frozen=True)
-class TeacherPrompt:
+class TeacherPrompt(PromptFile):
     """The standard prompt: a fixed system message and a user-message template."""
-
-    version: str
-    sha256: str
-    """SHA-256 (hex) of the prompt file's bytes."""
-    system: str
-    user_template: str
 
     def messages(self, triple: Triple, personality: Personality, k: int) -> list[dict[str, str]]:
         """The chat messages asking for `k` candidates for `triple` in `personality`'s voice."""
-        values = {
-            "k": str(k),
-            "personality": personality.name,
-            "description": personality.description,
-            "style": personality.style,
-            "pika_turn": triple.pika_turn or NO_PIKA_TURN,
-            "user_turn": triple.user_turn,
-            "main_response": triple.main_response or NOT_KNOWN,
-        }
-        user = _PLACEHOLDER.sub(lambda match: values[match.group(1)], self.user_template)
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        return self.render(
+            {
+                "k": str(k),
+                "personality": personality.name,
+                "description": personality.description,
+                "style": personality.style,
+                "pika_turn": triple.pika_turn or NO_PIKA_TURN,
+                "user_turn": triple.user_turn,
+                "main_response": triple.main_response or NOT_KNOWN,
+            }
+        )
 
 
 def load_prompt(path: Path = DEFAULT_PROMPT_FILE) -> TeacherPrompt:
-    """Read and check a teacher prompt file.
+    """Read and check a teacher prompt file (`adapters.llm_calls.read_prompt_file`).
 
     Raises:
         PromptFileError: unreadable, not a mapping, a missing or empty field, an unknown
             placeholder, a placeholder in ``system``, or a missing one in ``user``.
     """
-    try:
-        data = path.read_bytes()
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise PromptFileError(f"cannot read prompt file {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise PromptFileError(f"{path}: expected a mapping with version, system and user")
-    fields: dict[str, str] = {}
-    for name in ("version", "system", "user"):
-        value = raw.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise PromptFileError(f"{path}: '{name}' must be a non-empty string")
-        fields[name] = value
-    if _PLACEHOLDER.search(fields["system"]):
-        raise PromptFileError(f"{path}: 'system' must have no placeholders (shared prefix)")
-    used = set(_PLACEHOLDER.findall(fields["user"]))
-    if used != PLACEHOLDERS:
-        unknown = ", ".join(sorted(used - PLACEHOLDERS)) or "none"
-        missing = ", ".join(sorted(PLACEHOLDERS - used)) or "none"
-        raise PromptFileError(f"{path}: 'user' placeholders: unknown {unknown}; missing {missing}")
-    return TeacherPrompt(
-        version=fields["version"].strip(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        system=fields["system"],
-        user_template=fields["user"],
-    )
+    return read_prompt_file(path, TeacherPrompt, PLACEHOLDERS, PromptFileError, "prompt file")
 
 
 def candidates_schema(k: int) -> dict[str, Any]:
@@ -464,17 +432,6 @@ class TeacherReply:
     finish_reason: str | None
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    """429, 408, 5xx, timeouts and connection errors; never other 4xx."""
-    import openai
-
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 429) or exc.status_code >= 500
-    return False
-
-
 def _is_fatal(exc: BaseException) -> bool:
     """401, 403, 404: the key, the permission or the model is wrong for every request."""
     import openai
@@ -555,7 +512,7 @@ class TeacherClient:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
             wait=self._wait,
-            retry=retry_if_exception(_is_retryable),
+            retry=retry_if_exception(is_retryable),
             reraise=True,
         ):
             with attempt:
@@ -564,25 +521,7 @@ class TeacherClient:
 
     def _wait(self, retry_state: RetryCallState) -> float:
         """Exponential backoff with jitter, or the server's Retry-After, both capped."""
-        import random
-
-        import openai
-
-        config = self.config
-        attempt = max(1, retry_state.attempt_number)
-        delay: float = min(config.backoff_max_s, config.backoff_initial_s * 2 ** (attempt - 1))
-        delay = min(config.backoff_max_s, delay + random.uniform(0, min(1.0, delay)))
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, openai.APIStatusError):
-            header = exc.response.headers.get("retry-after")
-            try:
-                after = float(header) if header is not None else None
-            except ValueError:
-                after = None
-            if after is not None and after >= 0:
-                delay = min(config.backoff_max_s, max(delay, after))
-        return delay
+        return backoff_wait(retry_state, self.config.backoff_initial_s, self.config.backoff_max_s)
 
     async def _once(self, messages: list[dict[str, str]], use_schema: bool) -> TeacherReply:
         extra: dict[str, Any] = {}

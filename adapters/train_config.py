@@ -92,7 +92,7 @@ def _default_base_model(value: object) -> object:
             return Settings().default_model_dir()
         except ValidationError as exc:
             raise ValueError(
-                f"'default' reads the FASTRESP_* settings, which are invalid: {_error_lines(exc)}"
+                f"'default' reads the FASTRESP_* settings, which are invalid: {error_lines(exc)}"
             ) from None
     return value
 
@@ -340,7 +340,7 @@ def resolve_target_modules(lora: LoraSettings, info: BaseModelInfo) -> tuple[str
     return tuple(dict.fromkeys(lora.target_modules))
 
 
-def _error_lines(exc: ValidationError) -> str:
+def error_lines(exc: ValidationError) -> str:
     """`field.path: message` for each pydantic error (never the input value)."""
     problems = []
     for err in exc.errors():
@@ -388,6 +388,6 @@ def load_config(path: Path, kind: type[T], overrides: Mapping[str, Any] | None =
     try:
         config = kind.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise TrainConfigError(_error_lines(exc)) from None
+        raise TrainConfigError(error_lines(exc)) from None
     config.check_files()
     return config

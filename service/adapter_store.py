@@ -18,7 +18,8 @@ Versions are `v1`, `v2`, ... per personality: the next one is one more than the
 largest recorded or present on disk, so a number is never reused, not even after a
 failed hot-load. `path` is relative to the store folder, so the store can be mounted
 elsewhere (another container) and still be read. `published.json` is replaced
-atomically (temporary file, fsync, rename), so a reader never sees half of it.
+atomically (temporary file, fsync, rename: `service.atomic_files.write_atomic`), so a
+reader never sees half of it.
 
 How the gateway uses it (`apply_published`): the `active` version of each
 personality replaces the manifest's `adapter` as the adapter loaded at startup. A
@@ -26,7 +27,8 @@ record in the shared registry (Redis), when one is configured, is the live state
 of the running fleet and is applied after it, so it still wins. A missing store or
 `published.json` means the manifest alone; an unreadable one fails startup.
 
-Only the standard library and pydantic are imported here: the gateway reads this.
+Only the standard library, pydantic and `service.atomic_files` are imported here: the
+gateway reads this.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -51,6 +52,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.atomic_files import write_atomic
 from service.personalities import Personality, PersonalityName
 
 logger = logging.getLogger(__name__)
@@ -174,29 +176,8 @@ def write_published(store: Path, published: PublishedFile) -> None:
     """
     file = store / PUBLISHED_FILE
     text = json.dumps(published.model_dump(mode="json"), indent=2) + "\n"
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-        "w", encoding="utf-8", dir=store, prefix=f".{PUBLISHED_FILE}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o644)  # readable by the gateway's user
-            os.fsync(handle.fileno())
-        os.replace(handle.name, file)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    fsync_dir(store)
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder, so a rename or a new entry in it survives a crash."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # 0644: readable by the gateway's user.
+    write_atomic(file, [text], mode=0o644, sync_dir=True)
 
 
 @contextmanager

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from service.cli_adapters import app as adapters_app
+from service.cli_common import fail, load_settings
 from service.cli_data import app as data_app
 from service.cli_eval import app as eval_app
 from service.cli_loadtest import loadtest as loadtest_command
@@ -39,26 +39,6 @@ app.add_typer(train_app, name="train")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
 app.command(name="loadtest")(loadtest_command)
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _settings(**overrides: Any) -> Any:
-    """Settings from FASTRESP_* env vars plus the non-None CLI overrides; exits on bad values."""
-    from service.settings import Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        _fail(f"bad settings: {problems}")
-        raise  # unreachable; keeps type checkers happy
 
 
 @app.command()
@@ -112,7 +92,7 @@ def serve(
         "personalities_file": personalities_file,
         "workers": workers,
     }
-    settings = _settings(**overrides)
+    settings = load_settings(**overrides)
     from service.adapter_validation import BaseModelInfo, validate_adapter
     from service.errors import AdapterRejected
     from service.personalities import ManifestError, load_personalities
@@ -122,7 +102,7 @@ def serve(
         from service.model_prep import is_prepared
 
         if not is_prepared(model_dir):
-            _fail(f"the default model is not prepared at {model_dir}; run: fastresp model prepare")
+            fail(f"the default model is not prepared at {model_dir}; run: fastresp model prepare")
     try:  # refuse a bad manifest or adapter before the engine loads (about a minute)
         base_model = BaseModelInfo.from_dir(model_dir)
         for name, personality in load_personalities(settings.personalities_file).items():
@@ -130,9 +110,9 @@ def serve(
                 try:
                     validate_adapter(personality.adapter, base_model, settings.max_lora_rank)
                 except AdapterRejected as exc:
-                    _fail(f"personality {name!r}: {exc.message} ({exc.error_type})")
+                    fail(f"personality {name!r}: {exc.message} ({exc.error_type})")
     except (ManifestError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     configure_logging(settings.log_level)
     from service.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
 
@@ -144,7 +124,7 @@ def serve(
         try:
             metrics_dir = prepare_multiprocess_dir(Path(configured) if configured else None)
         except OSError as exc:
-            _fail(f"{MULTIPROC_ENV}: cannot prepare the metrics directory: {exc}")
+            fail(f"{MULTIPROC_ENV}: cannot prepare the metrics directory: {exc}")
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
     try:
         if settings.workers == 1:
@@ -274,8 +254,8 @@ def engine_serve(
     from service.engine_server import Device, detect_device, server_command
 
     if device not in ("auto", "cpu", "cuda"):
-        _fail(f"--device: {device!r} is not one of auto, cpu, cuda")
-    settings = _settings(
+        fail(f"--device: {device!r} is not one of auto, cpu, cuda")
+    settings = load_settings(
         model=model,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
@@ -290,9 +270,9 @@ def engine_serve(
     model_dir = settings.resolved_model()
     if not (model_dir / "config.json").is_file():
         hint = "; run: fastresp model prepare" if settings.model is None else ""
-        _fail(f"--model: {model_dir} is not a model directory (no config.json){hint}")
+        fail(f"--model: {model_dir} is not a model directory (no config.json){hint}")
     if served_model_name is not None and not served_model_name.strip():
-        _fail("--served-model-name: must not be empty")
+        fail("--served-model-name: must not be empty")
     command = server_command(
         settings,
         device=detect_device() if device == "auto" else cast("Device", device),
@@ -324,7 +304,7 @@ def model_prepare(
     """
     from service.model_prep import prepare_default_model
 
-    settings = _settings(cache_dir=cache_dir)
+    settings = load_settings(cache_dir=cache_dir)
     target = settings.default_model_dir()
     result = prepare_default_model(target, force=force, progress=lambda m: typer.echo(m, err=True))
     if result.already_prepared:
@@ -407,23 +387,23 @@ def replay(
     from service.replay import replay as run_replay
 
     if source not in SOURCE_KINDS:
-        _fail(f"--source: unknown source {source!r}; choose one of {', '.join(SOURCE_KINDS)}")
+        fail(f"--source: unknown source {source!r}; choose one of {', '.join(SOURCE_KINDS)}")
     if path is None:
         if source not in DEFAULT_SOURCE_PATHS:
-            _fail(f"--path is required with --source {source}")
+            fail(f"--path is required with --source {source}")
         path = DEFAULT_SOURCE_PATHS[source]
     path = path.resolve()
     if not path.is_file():
-        _fail(f"--path: no such file: {path}")
+        fail(f"--path: no such file: {path}")
     if out is not None and not out.resolve().parent.is_dir():
-        _fail(f"--out: no such directory: {out.resolve().parent}")
+        fail(f"--out: no such directory: {out.resolve().parent}")
 
     skipped: Counter[str] = Counter()
     try:
         kind = cast("SourceKind", source)  # checked against SOURCE_KINDS above
         triples = load_triples(kind, path, limit=limit or None, skipped=skipped)
     except (SourceFormatError, UnicodeDecodeError) as exc:
-        _fail(f"--path: not a usable {source} file: {exc}")
+        fail(f"--path: not a usable {source} file: {exc}")
     console = Console()
     if not console.is_terminal:  # a pipe or a file: wide enough for one line per row
         console = Console(width=3 * max_text + 75)
@@ -432,7 +412,7 @@ def replay(
         f"{len(triples)} triple(s) from {path}; skipped source rows: {skips}", soft_wrap=True
     )
     if not triples:
-        _fail(f"--path: no usable triples in {path}")
+        fail(f"--path: no usable triples in {path}")
 
     base_url = url.rstrip("/")
     personalities = list(personality or [])

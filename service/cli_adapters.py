@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+
+from service.cli_common import fail, load_settings, progress
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -31,33 +33,6 @@ _OPTION_OF_FIELD = {
     "url": "--url",
     "admin_token": "--token-env",
 }
-
-
-def _fail(message: str, code: int = 2) -> None:
-    """Print ``error: message`` on stderr and exit (2: refused input, 1: no result)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=code)
-
-
-def _progress(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def _settings(**overrides: Any) -> Any:
-    """Settings from FASTRESP_* plus the non-None options; exits 2 naming a bad value."""
-    from pydantic import ValidationError
-
-    from service.settings import Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        _fail(f"bad settings: {problems}")
-        raise  # unreachable; keeps type checkers happy
 
 
 StoreOption = Annotated[
@@ -138,12 +113,14 @@ def publish(
     """
     from adapters.publish import HotLoadError, PublishError, publish_adapter
 
-    settings = _settings(model=model, adapter_store=store, personalities_file=personalities_file)
+    settings = load_settings(
+        model=model, adapter_store=store, personalities_file=personalities_file
+    )
     token: str | None = None
     if url is not None:
         token = os.environ.get(token_env) or None
         if token is None:
-            _fail(f"--token-env: ${token_env} is not set; --url needs the gateway's admin token")
+            fail(f"--token-env: ${token_env} is not set; --url needs the gateway's admin token")
     try:
         result = publish_adapter(
             path,
@@ -155,14 +132,14 @@ def publish(
             service_url=url,
             admin_token=token,
             timeout_s=timeout,
-            progress=_progress,
+            progress=progress,
         )
     except PublishError as exc:
         where = _OPTION_OF_FIELD.get(exc.field, exc.field)
-        _fail(f"{where}: {exc.message}; nothing was published")
+        fail(f"{where}: {exc.message}; nothing was published")
         raise  # unreachable; keeps type checkers happy
     except HotLoadError as exc:
-        _fail(
+        fail(
             f"the gateway at {url} did not load {personality} {exc.version}: {exc.message}. "
             f"{exc.version} is recorded in the store but not active; the gateway keeps "
             "serving its current version",
@@ -170,7 +147,7 @@ def publish(
         )
         raise
     except OSError as exc:
-        _fail(f"cannot write the store {settings.resolved_adapter_store()}: {exc}", code=1)
+        fail(f"cannot write the store {settings.resolved_adapter_store()}: {exc}", code=1)
         raise
     before = f" (was {result.previous_version})" if result.previous_version else ""
     if result.hot_loaded:
@@ -201,11 +178,11 @@ def list_versions(
     """
     from service.adapter_store import PUBLISHED_FILE, PublishedStoreError, read_published
 
-    root = (store if store is not None else _settings().resolved_adapter_store()).absolute()
+    root = (store if store is not None else load_settings().resolved_adapter_store()).absolute()
     try:
         published = read_published(root)
     except PublishedStoreError as exc:
-        _fail(f"--store: {exc}")
+        fail(f"--store: {exc}")
         raise
     names = [personality] if personality else list(published.personalities)
     lines = []

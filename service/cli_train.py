@@ -9,11 +9,17 @@ loads (`adapters.train_config`).
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
+
+from service.cli_common import fail, progress
+
+if TYPE_CHECKING:
+    from adapters.train_config import TrainingCommon
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -22,17 +28,49 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace output_dir if it holds a previous adapter (same as overwrite: true).",
+    ),
+]
+
+C = TypeVar("C", bound="TrainingCommon")
+R = TypeVar("R")
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def _progress(message: str) -> None:
-    typer.echo(message, err=True)
+def _train(
+    config: Path,
+    kind: type[C],
+    force: bool,
+    train: Callable[[C, Callable[[str], None]], R],
+) -> R:
+    """Load and check the config, then train with progress lines on stderr.
+
+    A bad config, or a config or data problem found while training, exits with code 2
+    and the one-line message (nothing is written). SIGTERM (a CI timeout, `kill`)
+    unwinds like Ctrl-C while training, so the run's work folder is
+    removed and nothing half-written is left.
+    """
+    from adapters.sft_format import TrainingDataError
+    from adapters.train_config import TrainConfigError, load_config
+
+    try:
+        settings = load_config(config, kind, {"overwrite": True} if force else None)
+    except TrainConfigError as exc:
+        fail(str(exc))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return train(settings, progress)
+    except (TrainConfigError, TrainingDataError) as exc:
+        fail(str(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -44,13 +82,7 @@ def sft(
             "paths in it are relative to the file."
         ),
     ],
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace output_dir if it holds a previous adapter (same as overwrite: true).",
-        ),
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Supervised LoRA fine-tuning of one personality's adapter (TRL SFTTrainer + PEFT).
 
@@ -62,24 +94,9 @@ def sft(
     Exit code: 0 done; 2 bad config or training data (nothing is written).
     """
     from adapters.sft import train_sft
-    from adapters.sft_format import TrainingDataError
-    from adapters.train_config import SFTConfig, TrainConfigError, load_config
+    from adapters.train_config import SFTConfig
 
-    try:
-        settings = load_config(config, SFTConfig, {"overwrite": True} if force else None)
-    except TrainConfigError as exc:
-        _fail(str(exc))
-        return
-    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the run's work folder is
-    # removed and nothing half-written is left.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        result = train_sft(settings, _progress)
-    except (TrainConfigError, TrainingDataError) as exc:
-        _fail(str(exc))
-        return
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    result = _train(config, SFTConfig, force, train_sft)
     metrics = result.metrics
     typer.echo(f"adapter: {result.output_dir}")
     typer.echo(
@@ -97,13 +114,7 @@ def grpo(
             "paths in it are relative to the file."
         ),
     ],
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace output_dir if it holds a previous adapter (same as overwrite: true).",
-        ),
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """GRPO on top of an SFT adapter (TRL GRPOTrainer), with the serving rules as rewards.
 
@@ -117,19 +128,9 @@ def grpo(
     Exit code: 0 done; 2 bad config or training data (nothing is written).
     """
     from adapters.grpo import GRPOTrainConfig, train_grpo
-    from adapters.sft_format import TrainingDataError
-    from adapters.train_config import TrainConfigError, load_config
 
-    try:
-        settings = load_config(config, GRPOTrainConfig, {"overwrite": True} if force else None)
-    except TrainConfigError as exc:
-        _fail(str(exc))
-        return
-    try:
-        result = train_grpo(settings, _progress)
-    except (TrainConfigError, TrainingDataError) as exc:
-        _fail(str(exc))
-        return
+    # No SIGTERM handler here: the grpo command has never installed one.
+    result = _train(config, GRPOTrainConfig, force, train_grpo)
     rewards = result.rewards
     typer.echo(f"adapter: {result.output_dir}")
     for name, last in rewards["last_step"].items():

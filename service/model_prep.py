@@ -1,10 +1,10 @@
 """Prepare model directories: the embedded gemma-3-270m default and the tiny test model.
 
 Both builders write into a hidden temporary sibling of the target
-(`.<name>.partial-<pid>`) and move the finished directory into place with a
-rename, so a directory at the target is either complete or absent. A directory is
-complete when it holds the marker file `MARKER`, written last, whose file list
-matches what is on disk (`is_prepared`).
+(`.<name>.partial-<pid>`) and move the finished directory into place with a rename
+(`service.atomic_files.swap_into_place`), so a directory at the target is either
+complete or absent. A directory is complete when it holds the marker file `MARKER`,
+written last, whose file list matches what is on disk (`is_prepared`).
 
 Heavy dependencies (torch, transformers, tokenizers, gguf and the gemma chunk
 packages) are imported inside the functions that use them; importing this module
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from service.atomic_files import fsync_dir, fsync_file, swap_into_place, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -258,27 +260,15 @@ def _fsync_tree(directory: Path) -> None:
     """Flush every file of `directory` (one level) and the directory entry to disk."""
     for child in directory.iterdir():
         if child.is_file():
-            fd = os.open(child, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(child)
+    fsync_dir(directory)
 
 
 def _write_marker(directory: Path, fields: dict[str, Any]) -> None:
     """Make the directory's files readable by all, flush them, then write the marker.
 
     The marker lists every file with its size and is written atomically (temporary
-    file, fsync, rename).
+    file, fsync, rename: `write_atomic`).
     """
     for child in directory.iterdir():
         if child.is_file():
@@ -291,26 +281,8 @@ def _write_marker(directory: Path, fields: dict[str, Any]) -> None:
         if p.is_file() and p.name != MARKER
     }
     marker = {"format": MARKER_FORMAT, **fields, "files": files}
-    tmp = directory / f".{MARKER}.tmp"
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(marker, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / MARKER)
-    _fsync_dir(directory)
-
-
-def _swap_into_place(built: Path, target: Path, workdir: Path) -> None:
-    """Move the finished directory `built` to `target`.
-
-    An existing `target` is first renamed into `workdir` (deleted with it later), so
-    at every moment `target` is either the old entry, absent, or the complete new one.
-    """
-    if target.exists() or target.is_symlink():
-        os.replace(target, workdir / "replaced")
-    os.replace(built, target)
-    _fsync_dir(target.parent)
+    text = json.dumps(marker, indent=2, sort_keys=True) + "\n"
+    write_atomic(directory / MARKER, [text], sync_dir=True)
 
 
 def _utc_now() -> str:
@@ -450,7 +422,7 @@ def prepare_default_model(
         try:
             workdir.mkdir()
             built = _build_default_model(workdir, _Steps(4, say))
-            _swap_into_place(built, target, workdir)
+            swap_into_place(built, target, workdir)
         finally:
             _remove(workdir)
     seconds = time.monotonic() - started
@@ -661,7 +633,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
             model_dir = workdir / "model"
             model_dir.mkdir()
             _write_tiny_model(model_dir, seed)
-            _swap_into_place(model_dir, target, workdir)
+            swap_into_place(model_dir, target, workdir)
         finally:
             _remove(workdir)
     return target
