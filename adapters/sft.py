@@ -232,6 +232,11 @@ def _card(
     }
 
 
+def _rounded(value: object) -> object:
+    """A loss for a progress line: 4 decimals (the card keeps the full value)."""
+    return round(value, 4) if isinstance(value, float) else value
+
+
 def _metrics(
     history: Sequence[dict[str, Any]], state: Any, initial: float | None
 ) -> dict[str, Any]:
@@ -406,8 +411,8 @@ def _train(
     history = before + list(trainer.state.log_history)
     metrics = _metrics(history, trainer.state, initial)
     progress(
-        f"done: train loss {metrics['train_loss']}, best validation loss "
-        f"{metrics['validation_loss']} at step {metrics['best_step']}"
+        f"done: train loss {_rounded(metrics['train_loss'])}, best validation loss "
+        f"{_rounded(metrics['validation_loss'])} at step {metrics['best_step']}"
     )
 
     adapter = workdir / "adapter"

@@ -49,12 +49,17 @@ def read_training_rows(path: Path) -> list[dict[str, Any]]:
     `row_fast_response` check the fields they use.
 
     Raises:
-        TrainingDataError: a line is not a JSON object (its line number is named).
+        TrainingDataError: a line is not UTF-8 or not a JSON object (its line number is
+            named).
         OSError: the file cannot be read.
     """
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TrainingDataError(f"{path}:{number}: not UTF-8: {exc}") from None
             if not line.strip():
                 continue
             try:

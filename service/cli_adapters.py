@@ -112,6 +112,7 @@ def publish(
     or the store could not be written; 2 refused (the message names the field).
     """
     from adapters.publish import HotLoadError, PublishError, publish_adapter
+    from service.adapter_store import PublishedStoreError
 
     settings = load_settings(
         model=model, adapter_store=store, personalities_file=personalities_file
@@ -140,11 +141,15 @@ def publish(
         raise  # unreachable; keeps type checkers happy
     except HotLoadError as exc:
         fail(
-            f"the gateway at {url} did not load {personality} {exc.version}: {exc.message}. "
+            f"the gateway at {url} did not load {personality} {exc.version}: "
+            f"{exc.message.rstrip('.')}. "
             f"{exc.version} is recorded in the store but not active; the gateway keeps "
             "serving its current version",
             code=1,
         )
+        raise
+    except PublishedStoreError as exc:
+        fail(f"{exc}; nothing was published")
         raise
     except OSError as exc:
         fail(f"cannot write the store {settings.resolved_adapter_store()}: {exc}", code=1)

@@ -99,9 +99,10 @@ def sft(
     result = _train(config, SFTConfig, force, train_sft)
     metrics = result.metrics
     typer.echo(f"adapter: {result.output_dir}")
+    loss = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     typer.echo(
-        f"train loss {metrics['train_loss']}, validation loss {metrics['validation_loss']} "
-        f"(best step {metrics['best_step']}, before training {metrics['initial_validation_loss']})"
+        f"train loss {loss['train_loss']}, validation loss {loss['validation_loss']} "
+        f"(best step {loss['best_step']}, before training {loss['initial_validation_loss']})"
     )
 
 

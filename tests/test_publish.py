@@ -355,6 +355,32 @@ def test_a_refused_hot_load_keeps_the_active_version_and_its_number_is_not_reuse
     assert published(store).personalities["p1"].active == "v4"
 
 
+def test_publish_into_a_corrupt_store_exits_2_naming_the_file(
+    tiny_model_dir: Path, manifest: Path, signature_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    adapter = with_card(signature_adapters["alpha"], tmp_path / "adapter", sft_card(tiny_model_dir))
+    store = tmp_path / "store"
+    store.mkdir()
+    file = store / PUBLISHED_FILE
+    file.write_text('{"format": 1, "personalities": {')
+    result = publish_cli(
+        adapter,
+        "p1",
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model_dir),
+        "--personalities-file",
+        str(manifest),
+    )
+    assert result.exit_code == 2, result.output
+    assert str(file) in result.stderr and "nothing was published" in result.stderr
+    assert "Traceback" not in result.output
+    # no version folder and no partial copy: only the file and the store's lock file
+    assert {p.name for p in store.iterdir()} <= {PUBLISHED_FILE, ".publish.lock"}
+    assert file.read_text() == '{"format": 1, "personalities": {'
+
+
 # --- the gateway reading the store ----------------------------------------------------------
 
 

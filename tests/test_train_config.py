@@ -240,3 +240,14 @@ def test_cli_missing_data_file(config_dir: Path) -> None:
     assert result.output.strip() == (
         f"error: data.train: file not found: {config_dir / 'data' / 'train.jsonl'}"
     )
+
+
+def test_a_training_file_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    from adapters.sft_format import TrainingDataError, read_training_rows
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_bytes(b'{"id": "a"}\n\n{"id": "b"}\n{"x": "\xff\xfe"}\n')
+    with pytest.raises(TrainingDataError, match=r"train.jsonl:4: not UTF-8"):
+        read_training_rows(rows)
+    rows.write_bytes(b'{"id": "a"}\n\n{"id": "b"}\n')
+    assert [row["id"] for row in read_training_rows(rows)] == ["a", "b"]
