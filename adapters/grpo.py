@@ -92,7 +92,6 @@ from adapters.training_output import (
     file_sha256,
     partial_output_dir,
     progress_callback,
-    remove_stale_workdirs,
     run_card_fields,
     set_base_model_name,
     trainer_arguments,
@@ -455,8 +454,7 @@ def train_grpo(config: GRPOConfig, progress: Progress) -> GRPOResult:
     personality = load_personalities(config.personalities_file)[config.personality]
     judge = make_judge(config.judge) if config.judge is not None else None
     output_dir = config.output_dir
-    remove_stale_workdirs(output_dir, progress)
-    with partial_output_dir(output_dir) as workdir:
+    with partial_output_dir(output_dir, progress) as workdir:
         try:
             card = _train(config, personality, judge, workdir, progress)
             swap_into_place(workdir / "adapter", output_dir, workdir)

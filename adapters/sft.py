@@ -58,7 +58,6 @@ from adapters.training_output import (
     file_sha256,
     partial_output_dir,
     progress_callback,
-    remove_stale_workdirs,
     run_card_fields,
     set_base_model_name,
     trainer_arguments,
@@ -303,8 +302,7 @@ def train_sft(config: SFTConfig, progress: Progress) -> SFTResult:
     target_modules = resolve_target_modules(config.lora, config.base_model_info())
     personality = load_personalities(config.personalities_file)[config.personality]
     output_dir = config.output_dir
-    remove_stale_workdirs(output_dir, progress)
-    with partial_output_dir(output_dir) as workdir:
+    with partial_output_dir(output_dir, progress) as workdir:
         with _no_progress_bars():
             result = _train(config, personality, target_modules, workdir, progress)
         _normalise_modes(workdir / "adapter")

@@ -206,9 +206,11 @@ def progress_callback(
 
 
 @contextlib.contextmanager
-def partial_output_dir(output_dir: Path) -> Iterator[Path]:
+def partial_output_dir(output_dir: Path, progress: Progress) -> Iterator[Path]:
     """A fresh work folder ``.<name>.partial-<pid>`` beside `output_dir` (whose parent
-    is created), removed with everything left in it when the block ends."""
+    is created), removed with everything left in it when the block ends. Work folders
+    of earlier killed runs for `output_dir` are removed first (`remove_stale_workdirs`)."""
+    remove_stale_workdirs(output_dir, progress)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     workdir = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(workdir, ignore_errors=True)
