@@ -23,7 +23,9 @@ detail goes in ``teacher``).
 Rejected rows are written too, so a re-run knows they are done and the summary can
 count them. `LabelWriter` appends one row per line and flushes it, so a killed run
 loses at most the rows in flight; `done_ids` reads a file back (ignoring a torn last
-line) so a re-run skips what is done and never writes an id twice.
+line) so a re-run skips what is done and never writes an id twice. The writer itself
+is `RowWriter`, for any pydantic row with a string ``id``; the evaluation judge's
+``judgements.jsonl`` (`adapters.judge`) uses it too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -96,8 +98,23 @@ def base_fields(triple: Triple, personality: str) -> dict[str, Any]:
     }
 
 
-def read_rows(path: Path) -> Iterator[LabeledRow]:
-    """The valid rows of a labelled JSON Lines file, in file order.
+class IdRow(Protocol):
+    """A row `RowWriter` can write: a pydantic model with a string ``id``."""
+
+    @property
+    def id(self) -> str: ...
+
+    def model_dump_json(self) -> str: ...
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray) -> Self: ...
+
+
+R = TypeVar("R", bound=IdRow)
+
+
+def read_jsonl_rows(path: Path, row_type: type[R]) -> Iterator[R]:
+    """The valid `row_type` rows of a JSON Lines file, in file order.
 
     A line that is not a valid row (a torn last line of a killed run) is skipped.
     A missing file yields nothing.
@@ -109,9 +126,18 @@ def read_rows(path: Path) -> Iterator[LabeledRow]:
             if not line.strip():
                 continue
             try:
-                yield LabeledRow.model_validate_json(line)
+                yield row_type.model_validate_json(line)
             except ValidationError:
                 continue
+
+
+def read_rows(path: Path) -> Iterator[LabeledRow]:
+    """The valid rows of a labelled JSON Lines file, in file order.
+
+    A line that is not a valid row (a torn last line of a killed run) is skipped.
+    A missing file yields nothing.
+    """
+    return read_jsonl_rows(path, LabeledRow)
 
 
 def done_ids(path: Path) -> set[str]:
@@ -119,25 +145,27 @@ def done_ids(path: Path) -> set[str]:
     return {row.id for row in read_rows(path)}
 
 
-class LabelWriter:
-    """Appends `LabeledRow`s to a JSON Lines file, one flushed (and fsynced) line each.
+class RowWriter(Generic[R]):
+    """Appends rows to a JSON Lines file, one flushed (and fsynced) line each.
 
     Opening repairs a torn last line left by a killed run (the partial line is cut
-    off, so the next row starts on a line of its own). `write` refuses an id already
-    in the file or written before, so a re-run never duplicates a row.
+    off, so the next row starts on a line of its own) and reads the ids already
+    there (`done`; lines that are not a valid `row_type` are ignored). `write`
+    refuses an id already in the file or written before, so a re-run never
+    duplicates a row.
 
     Raises:
         ValueError: `write` of an id that is already done.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, row_type: type[R]) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         _cut_torn_tail(path)
-        self.done = done_ids(path)
+        self.done: set[str] = {row.id for row in read_jsonl_rows(path, row_type)}
         self._file = path.open("a", encoding="utf-8")
 
-    def write(self, row: LabeledRow) -> None:
+    def write(self, row: R) -> None:
         if row.id in self.done:
             raise ValueError(f"row {row.id!r} is already in {self.path}")
         self._file.write(row.model_dump_json() + "\n")
@@ -158,6 +186,13 @@ class LabelWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class LabelWriter(RowWriter[LabeledRow]):
+    """A `RowWriter` of `LabeledRow`s (see `RowWriter`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, LabeledRow)
 
 
 def _cut_torn_tail(path: Path) -> None:

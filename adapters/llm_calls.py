@@ -1,6 +1,7 @@
-"""What the teacher (`adapters.teacher`) and the GRPO judge (`adapters.rewards`) share.
+"""What the teacher (`adapters.teacher`), the GRPO judge (`adapters.rewards`) and the
+evaluation judge (`adapters.judge`) share.
 
-Both ask an OpenAI-compatible chat endpoint with a versioned prompt file and retry
+All ask an OpenAI-compatible chat endpoint with a versioned prompt file and retry
 transient failures with tenacity; the rules for that live here once:
 
 - **Prompt files** (`read_prompt_file`): YAML with non-empty strings ``version``,
@@ -12,6 +13,14 @@ transient failures with tenacity; the rules for that live here once:
   connection errors are retried, never another 4xx; the wait doubles per retry from
   an initial value, plus up to 1 s of jitter, is capped, and honours a server's
   ``Retry-After`` up to the cap.
+- **The chat client** (`ChatClient`, configured by a `ChatEndpoint`): one
+  ``AsyncOpenAI`` with the SDK's own retries off (tenacity is the one retry loop), the
+  structured-output decision of a run (``response_format`` ``on``, ``off`` or ``auto``:
+  tried, and dropped for the rest of the run when the server answers 400 to it but not
+  to the same request without it), and `MalformedResponse` for a 200 body that is not a
+  chat completion. `public_url` strips user:password before a URL is logged or written.
+- **Finding JSON in a reply** (`FENCE`, `json_values`, `find_json`): code fences and
+  prose around the JSON that models add despite being told not to.
 
 `openai` is imported inside the functions that need it: importing this module stays
 cheap.
@@ -20,14 +29,20 @@ cheap.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+log = logging.getLogger(__name__)
 
 NOT_KNOWN = "not known yet"
 """The main response as a prompt shows it when there is none."""
@@ -140,3 +155,276 @@ def backoff_wait(retry_state: Any, initial_s: float, max_s: float) -> float:
         if after is not None and after >= 0:
             delay = min(max_s, max(delay, after))
     return delay
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """401, 403, 404: the key, the permission or the model is wrong for every request."""
+    import openai
+
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403, 404)
+
+
+def is_api_error(exc: BaseException) -> bool:
+    """A failure of the endpoint for one request (an `openai.APIError` after its retries,
+    or a `MalformedResponse`), as opposed to a bug in the caller."""
+    import openai
+
+    return isinstance(exc, openai.APIError | MalformedResponse)
+
+
+def public_url(url: str) -> str:
+    """`url` without user:password, safe to write into rows and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_http_url(value: str) -> str:
+    """`value` when it is an http:// or https:// URL with something after the scheme.
+
+    Raises:
+        ValueError: otherwise (a pydantic field validator turns it into a field error).
+    """
+    if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
+        raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8100/v1")
+    return value
+
+
+# --- finding JSON in a reply ----------------------------------------------------------
+
+FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:\n?[ \t]*```|\Z)", re.DOTALL)
+"""A Markdown code fence (```json ... ```); an unclosed one runs to the end of the text."""
+
+
+def json_values(text: str) -> Iterator[tuple[Any, int, int]]:
+    """Every JSON object or array in `text` that decodes, with its (start, end) offsets."""
+    decoder = json.JSONDecoder()
+    position = 0
+    while True:
+        starts = [i for i in (text.find("{", position), text.find("[", position)) if i >= 0]
+        if not starts:
+            return
+        start = min(starts)
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            position = start + 1
+            continue
+        yield value, start, end
+        position = end
+
+
+def find_json(text: str, keys: tuple[str, ...] = ()) -> tuple[Any, bool] | None:
+    """The JSON value in `text` and whether prose surrounded it; None when there is none.
+
+    A whole-text parse wins; otherwise the first object holding one of `keys`, else the
+    first object or array found.
+    """
+    try:
+        return json.loads(text), False
+    except json.JSONDecodeError:
+        pass
+    found = list(json_values(text))
+    for value, _, _ in found:
+        if isinstance(value, dict) and any(key in value for key in keys):
+            return value, True
+    if found:
+        return found[0][0], True
+    return None
+
+
+# --- the chat client ------------------------------------------------------------------
+
+StructuredMode = Literal["auto", "on", "off"]
+"""``response_format`` with a JSON schema: ``on`` always, ``off`` never, ``auto`` tries
+it and drops it for the rest of the run if the server refuses it (400)."""
+
+
+class MalformedResponse(RuntimeError):
+    """A 200 response that is not a chat completion (not JSON, an HTML page, no message
+    object): a proxy or server fault, so the request counts as failed at the endpoint
+    (not written, retried by a re-run), never a crash of the run."""
+
+
+class ChatEndpoint(BaseModel):
+    """What `ChatClient` needs: where the endpoint is and how to ask it.
+
+    Callers build it from their own config (`TeacherConfig`, `JudgeConfig`), which
+    also resolves the API key.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str = Field(min_length=1)
+    """OpenAI-compatible API root, e.g. ``http://127.0.0.1:8100/v1``."""
+    model: str = Field(min_length=1)
+    """Model name as the server knows it (vLLM: its ``--served-model-name``)."""
+    api_key: str
+    """The key sent (``EMPTY`` for a local server that needs none)."""
+    temperature: float = Field(ge=0.0, le=2.0)
+    max_tokens: int = Field(ge=1)
+    """Longest reply, in tokens."""
+    timeout_s: float = Field(gt=0.0)
+    """Limit for one HTTP request, in seconds; a timeout is retried."""
+    max_retries: int = Field(ge=0)
+    """Retries after the first attempt (429, 408, 5xx, timeouts, connection errors)."""
+    backoff_initial_s: float = Field(gt=0.0)
+    backoff_max_s: float = Field(gt=0.0)
+    structured_output: StructuredMode
+    response_format: dict[str, Any] | None = None
+    """Sent as ``response_format`` when structured output is used, unless a call gives
+    its own (`ChatClient.complete`); None: no schema for calls that give none."""
+    label: str = "endpoint"
+    """How log lines name the endpoint's role (``teacher``, ``judge``)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return check_http_url(value)
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """One successful chat completion."""
+
+    content: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    structured_output: bool
+    """Whether this request was sent with ``response_format`` (and accepted)."""
+    finish_reason: str | None
+
+
+class ChatClient:
+    """Chat completions against one OpenAI-compatible endpoint, with retries.
+
+    Holds the structured-output decision for the run (`structured`): None while
+    unknown (auto mode, nothing answered yet), True once the server took the schema,
+    False once it refused it. One client serves a whole run (one connection pool);
+    `close` it at the end. `logger` (default: this module's) gets the fallback warning,
+    so it appears under the caller's logger name.
+    """
+
+    def __init__(self, endpoint: ChatEndpoint, logger: logging.Logger | None = None) -> None:
+        from openai import AsyncOpenAI
+
+        self.endpoint = endpoint
+        self._log = logger if logger is not None else log
+        self.base_url = public_url(endpoint.base_url)
+        self._client = AsyncOpenAI(
+            base_url=endpoint.base_url,
+            api_key=endpoint.api_key,
+            timeout=endpoint.timeout_s,
+            max_retries=0,  # tenacity is the one retry loop
+        )
+        self.structured: bool | None = {"on": True, "off": False, "auto": None}[
+            endpoint.structured_output
+        ]
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def complete(
+        self, messages: list[dict[str, str]], response_format: dict[str, Any] | None = None
+    ) -> ChatReply:
+        """One reply for `messages`, retried on transient errors.
+
+        `response_format` (default: the endpoint's) is sent while structured output is
+        on or not yet refused; with neither, the request has no schema. The
+        structured-output decision is the client's, shared by every schema it sends.
+        In auto mode a 400 to a request with ``response_format`` is retried once
+        without it; if that succeeds the schema is dropped for the rest of the run,
+        if it fails too the 400 is the request's own and is raised.
+
+        Raises:
+            openai.APIError: after the retries (or at once for a non-retryable status).
+            MalformedResponse: a 200 whose body is not a chat completion.
+        """
+        import openai
+
+        schema = response_format if response_format is not None else self.endpoint.response_format
+        use_schema = self.structured is not False and schema is not None
+        try:
+            reply = await self._with_retries(messages, schema if use_schema else None)
+        except openai.BadRequestError:
+            if not use_schema or self.endpoint.structured_output != "auto":
+                raise
+            reply = await self._with_retries(messages, None)
+            if self.structured is None:
+                self._log.warning(
+                    "%s %s refused response_format json_schema (400); "
+                    "using plain JSON instructions for the rest of the run",
+                    self.endpoint.label,
+                    self.base_url,
+                )
+            self.structured = False
+            return reply
+        if use_schema and self.structured is None:
+            self.structured = True
+        return reply
+
+    async def _with_retries(
+        self, messages: list[dict[str, str]], schema: dict[str, Any] | None
+    ) -> ChatReply:
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.endpoint.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._once(messages, schema)
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+    def _wait(self, retry_state: Any) -> float:
+        """Exponential backoff with jitter, or the server's Retry-After, both capped."""
+        return backoff_wait(
+            retry_state, self.endpoint.backoff_initial_s, self.endpoint.backoff_max_s
+        )
+
+    async def _once(
+        self, messages: list[dict[str, str]], schema: dict[str, Any] | None
+    ) -> ChatReply:
+        extra: dict[str, Any] = {}
+        if schema is not None:
+            extra["response_format"] = schema
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.endpoint.model,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=self.endpoint.temperature,
+                max_tokens=self.endpoint.max_tokens,
+                **extra,
+            )
+        except json.JSONDecodeError as exc:  # a JSON content type with a broken body
+            raise MalformedResponse(f"response body is not JSON: {exc}") from exc
+        # The SDK does not validate a 200 body: a text/html page comes back as a str,
+        # and fields may hold anything, so the shape is checked here.
+        try:
+            choices = response.choices
+            if not isinstance(choices, list):  # absent ({}), or not a list
+                raise TypeError("no choices list")
+            choice = choices[0] if choices else None
+            content = choice.message.content if choice is not None else None
+            finish_reason = choice.finish_reason if choice is not None else None
+            usage = response.usage
+            prompt_tokens = int(usage.prompt_tokens) if usage is not None else 0
+            completion_tokens = int(usage.completion_tokens) if usage is not None else 0
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+            raise MalformedResponse(
+                f"response is not a chat completion: {str(response)[:200]!r}"
+            ) from exc
+        if content is not None and not isinstance(content, str):
+            raise MalformedResponse(f"message content is a {type(content).__name__}, not text")
+        return ChatReply(
+            content=content,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            structured_output=schema is not None,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        )

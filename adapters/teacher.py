@@ -45,23 +45,31 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from tenacity import RetryCallState
 
 from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
 from adapters.llm_calls import (
+    FENCE,
     NO_PIKA_TURN,
     NOT_KNOWN,
+    ChatClient,
+    ChatEndpoint,
+    ChatReply,
     PromptFile,
-    backoff_wait,
-    is_retryable,
+    StructuredMode,
+    check_http_url,
+    find_json,
+    is_api_error,
+    is_fatal,
     read_prompt_file,
+)
+from adapters.llm_calls import (
+    MalformedResponse as MalformedResponse,  # re-exported: part of this module's API
 )
 from adapters.sources import Triple
 from service.personalities import Personality
@@ -82,17 +90,9 @@ NO_API_KEY = "EMPTY"
 REPLY_EXCERPT_CHARS = 500
 """How much of an unparsable reply a rejected row keeps, for debugging."""
 
-StructuredMode = Literal["auto", "on", "off"]
-
 
 class TeacherUnavailable(RuntimeError):
     """The teacher refuses every request (bad API key, no permission, unknown model)."""
-
-
-class MalformedResponse(RuntimeError):
-    """A 200 response that is not a chat completion (not JSON, an HTML page, no message
-    object): a proxy or server fault, so the pair is a ``teacher_error`` (not written,
-    retried by a re-run), never a crash of the run."""
 
 
 class PromptFileError(ValueError):
@@ -144,9 +144,7 @@ class TeacherConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
-            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8100/v1")
-        return value
+        return check_http_url(value)
 
     def resolved_api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key to send: the configured one, else the first env var set, else "EMPTY"."""
@@ -225,7 +223,6 @@ def candidates_schema(k: int) -> dict[str, Any]:
 
 # --- parsing and repair -------------------------------------------------------------
 
-_FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:\n?[ \t]*```|\Z)", re.DOTALL)
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _TEXT_KEYS = ("text", "fast_response", "response", "candidate", "content")
 """Keys whose string value is taken from an object item: [{"text": "Ooh!"}]."""
@@ -249,43 +246,6 @@ class ParsedReply:
     candidates: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
     error: str | None = None
-
-
-def _json_values(text: str) -> Iterator[tuple[Any, int, int]]:
-    """Every JSON object or array in `text` that decodes, with its (start, end) offsets."""
-    decoder = json.JSONDecoder()
-    position = 0
-    while True:
-        starts = [i for i in (text.find("{", position), text.find("[", position)) if i >= 0]
-        if not starts:
-            return
-        start = min(starts)
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            position = start + 1
-            continue
-        yield value, start, end
-        position = end
-
-
-def _find_json(text: str) -> tuple[Any, bool] | None:
-    """The JSON value in `text` and whether prose surrounded it; None when there is none.
-
-    A whole-text parse wins; otherwise the first object holding ``candidates``, else
-    the first object or array found.
-    """
-    try:
-        return json.loads(text), False
-    except json.JSONDecodeError:
-        pass
-    found = list(_json_values(text))
-    for value, _, _ in found:
-        if isinstance(value, dict) and "candidates" in value:
-            return value, True
-    if found:
-        return found[0][0], True
-    return None
 
 
 def _salvage_truncated(text: str) -> list[str] | None:
@@ -355,13 +315,13 @@ def parse_reply(text: str | None, k: int | None = None) -> ParsedReply:
         return ParsedReply(error="empty reply")
     repairs: list[str] = []
     body = text.strip()
-    fence = _FENCE.search(body)
+    fence = FENCE.search(body)
     if fence is not None:
         repairs.append("code_fence")
         if body[: fence.start()].strip() or body[fence.end() :].strip():
             repairs.append("surrounding_prose")
         body = fence.group(1).strip()
-    found = _find_json(body)
+    found = find_json(body, ("candidates",))
     if found is None:
         salvaged = _salvage_truncated(body)
         if not salvaged:
@@ -420,147 +380,33 @@ def _note(repairs: list[str], repair: str) -> None:
 # --- talking to the teacher ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TeacherReply:
-    """One successful chat completion."""
-
-    content: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    structured_output: bool
-    """Whether this request was sent with ``response_format`` (and accepted)."""
-    finish_reason: str | None
+TeacherReply = ChatReply
+"""One successful chat completion (`adapters.llm_calls.ChatReply`)."""
 
 
-def _is_fatal(exc: BaseException) -> bool:
-    """401, 403, 404: the key, the permission or the model is wrong for every request."""
-    import openai
-
-    return isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403, 404)
-
-
-def _public_url(url: str) -> str:
-    """`url` without user:password, safe to write into rows and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 address
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-class TeacherClient:
-    """Chat completions against one OpenAI-compatible endpoint, with retries.
-
-    Holds the structured-output decision for the run (`structured`): None while
-    unknown (auto mode, nothing answered yet), True once the server took the schema,
-    False once it refused it.
-    """
+class TeacherClient(ChatClient):
+    """`adapters.llm_calls.ChatClient` set up from a `TeacherConfig`: the key resolved,
+    ``response_format`` asking for `config.k` candidates, warnings under this module's
+    logger."""
 
     def __init__(self, config: TeacherConfig) -> None:
-        from openai import AsyncOpenAI
-
         self.config = config
-        self.base_url = _public_url(config.base_url)
-        self._client = AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.resolved_api_key(),
-            timeout=config.timeout_s,
-            max_retries=0,  # tenacity is the one retry loop
-        )
-        self.structured: bool | None = {"on": True, "off": False, "auto": None}[
-            config.structured_output
-        ]
-
-    async def close(self) -> None:
-        await self._client.close()
-
-    async def complete(self, messages: list[dict[str, str]]) -> TeacherReply:
-        """One reply for `messages`, retried on transient errors.
-
-        In auto mode a 400 to a request with ``response_format`` is retried once
-        without it; if that succeeds the schema is dropped for the rest of the run,
-        if it fails too the 400 is the request's own and is raised.
-
-        Raises:
-            openai.APIError: after the retries (or at once for a non-retryable status).
-        """
-        import openai
-
-        use_schema = self.structured is not False
-        try:
-            reply = await self._with_retries(messages, use_schema)
-        except openai.BadRequestError:
-            if not use_schema or self.config.structured_output != "auto":
-                raise
-            reply = await self._with_retries(messages, False)
-            if self.structured is None:
-                log.warning(
-                    "teacher %s refused response_format json_schema (400); "
-                    "using plain JSON instructions for the rest of the run",
-                    self.base_url,
-                )
-            self.structured = False
-            return reply
-        if use_schema and self.structured is None:
-            self.structured = True
-        return reply
-
-    async def _with_retries(self, messages: list[dict[str, str]], use_schema: bool) -> TeacherReply:
-        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
-
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(self.config.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(is_retryable),
-            reraise=True,
-        ):
-            with attempt:
-                return await self._once(messages, use_schema)
-        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
-
-    def _wait(self, retry_state: RetryCallState) -> float:
-        """Exponential backoff with jitter, or the server's Retry-After, both capped."""
-        return backoff_wait(retry_state, self.config.backoff_initial_s, self.config.backoff_max_s)
-
-    async def _once(self, messages: list[dict[str, str]], use_schema: bool) -> TeacherReply:
-        extra: dict[str, Any] = {}
-        if use_schema:
-            extra["response_format"] = candidates_schema(self.config.k)
-        try:
-            response = await self._client.chat.completions.create(
-                model=self.config.model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=self.config.temperature,
-                max_tokens=self.config.max_tokens,
-                **extra,
-            )
-        except json.JSONDecodeError as exc:  # a JSON content type with a broken body
-            raise MalformedResponse(f"response body is not JSON: {exc}") from exc
-        # The SDK does not validate a 200 body: a text/html page comes back as a str,
-        # and fields may hold anything, so the shape is checked here.
-        try:
-            choices = response.choices
-            if not isinstance(choices, list):  # absent ({}), or not a list
-                raise TypeError("no choices list")
-            choice = choices[0] if choices else None
-            content = choice.message.content if choice is not None else None
-            finish_reason = choice.finish_reason if choice is not None else None
-            usage = response.usage
-            prompt_tokens = int(usage.prompt_tokens) if usage is not None else 0
-            completion_tokens = int(usage.completion_tokens) if usage is not None else 0
-        except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
-            raise MalformedResponse(
-                f"response is not a chat completion: {str(response)[:200]!r}"
-            ) from exc
-        if content is not None and not isinstance(content, str):
-            raise MalformedResponse(f"message content is a {type(content).__name__}, not text")
-        return TeacherReply(
-            content=content,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            structured_output=use_schema,
-            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        super().__init__(
+            ChatEndpoint(
+                base_url=config.base_url,
+                model=config.model,
+                api_key=config.resolved_api_key(),
+                temperature=config.temperature,
+                max_tokens=config.max_tokens,
+                timeout_s=config.timeout_s,
+                max_retries=config.max_retries,
+                backoff_initial_s=config.backoff_initial_s,
+                backoff_max_s=config.backoff_max_s,
+                structured_output=config.structured_output,
+                response_format=candidates_schema(config.k),
+                label="teacher",
+            ),
+            logger=log,
         )
 
 
@@ -698,7 +544,7 @@ async def label_with_teacher(
                 try:
                     reply = await client.complete(messages)
                 except Exception as exc:
-                    if _is_fatal(exc):
+                    if is_fatal(exc):
                         raise TeacherUnavailable(
                             f"teacher {client.base_url} refused model {config.model!r}: "
                             f"{type(exc).__name__}: {exc}"
@@ -757,6 +603,4 @@ async def label_with_teacher(
 
 def _is_teacher_error(exc: Exception) -> bool:
     """An API failure that makes one pair a ``teacher_error`` (not a bug in this code)."""
-    import openai
-
-    return isinstance(exc, openai.APIError | MalformedResponse)
+    return is_api_error(exc)
