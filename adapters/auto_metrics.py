@@ -1,33 +1,64 @@
 """Automatic quality metrics of served fast responses: no LLM, the same text rules as serving.
 
 Input: the rows `fastresp replay` writes (`service.replay.ReplayRow`: the triple sent and
-the gateway's answer). Every rule comes from `service.text_checks`, the one module the
-guard, the data filters and the GRPO rewards use, so a metric counts exactly what those
-reject. Definitions (``model`` rows are the ok rows whose ``source`` is not
-``fallback``; a fallback phrase is not the model's text):
+the gateway's answer), or the rows of an evaluation run (`adapters.eval_rows.ScoredRow`).
+Every rule comes from `service.text_checks`, the one module the guard, the data filters
+and the GRPO rewards use, so a metric counts exactly what those reject.
+
+Two steps, one path: `check_rows` checks each answer on its own (`eval_rows.RowChecks`,
+stored in every scored row), and `summarize_checks` turns those checks into the run's
+figures (`AutoMetrics`). `compute_metrics` runs both; `metrics_of_rows` summarises the
+checks an evaluation run already stored, so a report and a comparison count exactly what
+the run counted.
+
+Definitions. ``ok`` rows are the answered requests (any source); ``model`` rows are the
+ok rows whose ``source`` is not ``fallback`` (a cache answer is a text the model wrote
+earlier; a fallback phrase is not the model's text). Filter names are those of
+`service.text_checks.FILTERS`.
 
 ==========================  ==============================================================
-metric                      definition
+metric                      definition (formula; source)
 ==========================  ==============================================================
+latency_p50_ms,             P50 / P95 / P99 of the service's own ``latency_ms`` (time
+latency_p95_ms,             spent in the gateway) over the ok rows that report one, any
+latency_p99_ms              source; linear interpolation between closest ranks, Hyndman &
+                            Fan (1996) type 7 (`service.replay.latency_percentiles`,
+                            ``statistics.quantiles(method="inclusive")``). Failed requests
+                            have no latency and are left out
 fallback_rate               fallback rows / ok rows (deadline, engine error or a guard
                             rejection, `service.fast_response.FallbackReason`)
-pass_rate                   rows whose model text passes every filter
-                            (`text_checks.failed_filters` returns []) / ok rows; a
-                            fallback row counts as not passing: the guard and filters
-                            were not passed by the model
+cache_rate                  rows with ``source == "cache"`` / ok rows
+pass_rate                   rows whose model text passes the guard and every filter
+                            (`text_checks.failed_filters` returns []; ``one_utterance``
+                            is the guard's own check) / ok rows; a fallback row counts as
+                            not passing: the guard and filters were not passed by the model
 leak_rate                   model rows failing ``no_leak`` / model rows sent with a main
                             response (the only rows where a leak is possible)
 praise_before_correction    model rows failing ``no_contradiction`` (praise such as
                             "Great job!" while the main response corrects the child) /
                             model rows whose main response corrects the child
                             (`text_checks.corrects_child`)
+repetition_rate             rows whose normalised text (`text_checks.word_tokens` joined
+                            by one space: case, punctuation and extra spaces ignored)
+                            equals one of the previous 5 answers of the same (session_id,
+                            personality), in input order / rows with at least one earlier
+                            answer in their (session_id, personality)
+                            (``repetition_denominator``). Rows of every source are turns
+                            the child heard, so all count, as repeaters and as history; a
+                            row without a session id is its own session. The issue's
+                            definition: "the same response twice in the last 5 turns"
+safety_flag_rate,           model rows failing ``kid_safe`` (the profanity list, the
+safety_flags                extra unsafe words, or an unsafe word of the child echoed) /
+                            model rows; ``safety_flags`` is the count
 distinct_1, distinct_2      distinct n-grams / all n-grams over the model texts, word
                             tokens from `text_checks.word_tokens`, n-grams not crossing
                             responses (Li et al., 2016, "A Diversity-Promoting Objective
                             Function for Neural Conversation Models", NAACL, section 4.2)
-mean_words, mean_chars      mean whitespace-separated words / characters of model texts
-top_opener, top_opener_     the most common `text_checks.opener` (first two words) of the
-share                       model texts and the share of model rows that start with it
+mean_words, mean_chars      mean whitespace-separated words (``len(text.split())``) /
+                            characters (``len(text)``) of the model texts
+top_opener, top_opener_     the most common `text_checks.opener` (first two word tokens)
+share                       of the model texts and the share of model rows that start
+                            with it
 filter_failures             per filter name: model rows failing it
 ==========================  ==============================================================
 
@@ -37,24 +68,40 @@ A rate whose denominator is 0 is None ("n/a"), never 0.
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapters.eval_rows import RowChecks, ScoredRow, row_id
+from service.replay import latency_percentiles
 from service.text_checks import corrects_child, failed_filters, opener, word_tokens
+
+REPETITION_WINDOW = 5
+"""How many earlier answers of the same (session, personality) a repeat is looked for in."""
 
 
 @dataclass(frozen=True, slots=True)
 class ServedResponse:
-    """One answered request: what the child said, Pika's main response, the answer."""
+    """One answered request: what the child said, Pika's main response, the answer.
+
+    The fields after `source` are optional (None when unknown): they identify the row
+    and carry what the session and latency metrics need.
+    """
 
     user_turn: str
     main_response: str | None
     fast_response: str
     source: str
     """``model``, ``cache`` or ``fallback`` (the gateway's ``source``)."""
+    id: str | None = None
+    """The row's id (`eval_rows.row_id`: ``{triple id}|{personality}``)."""
+    personality: str | None = None
+    session_id: str | None = None
+    """The session the request was sent in; None: the row is a session of its own."""
+    latency_ms: float | None = None
+    """The service's own ``latency_ms`` (time spent in the gateway), milliseconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +124,14 @@ class AutoMetrics:
     top_opener: str | None
     top_opener_share: float | None
     filter_failures: dict[str, int] = field(default_factory=dict)
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    cache_rate: float | None = None
+    repetition_rate: float | None = None
+    repetition_denominator: int = 0
+    safety_flag_rate: float | None = None
+    safety_flags: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -85,6 +140,10 @@ class AutoMetrics:
 
 def _rate(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
+
+
+def _mean(values: Sequence[int]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float | None:
@@ -102,37 +161,106 @@ def distinct_n(texts: Iterable[str], n: int) -> float | None:
     return len(seen) / total if total else None
 
 
-def compute_metrics(responses: Sequence[ServedResponse], rows: int | None = None) -> AutoMetrics:
-    """The metrics of `responses` (the ok rows of a run).
+def normalised_text(text: str) -> str:
+    """`text` as the repetition check compares it: word tokens joined by one space.
+
+    Case, punctuation and extra spaces are ignored ("Ooh, red!" == "ooh red").
+    """
+    return " ".join(word_tokens(text))
+
+
+def check_rows(responses: Sequence[ServedResponse]) -> list[RowChecks]:
+    """The automatic checks of each response, in input order (one `RowChecks` each).
+
+    A model row (any source but ``fallback``) gets every text check: its failed filters,
+    ``passes``, ``safety_flag`` (fails ``kid_safe``), ``words`` and ``chars``; ``leak``
+    when it was sent with a main response; ``praise_before_correction`` when that main
+    response corrects the child. A fallback row gets ``passes=False`` and no text check
+    (the text is not the model's). Every row gets ``repeats_in_session`` when an earlier
+    row shares its (session_id, personality): True when its normalised text equals one
+    of the last `REPETITION_WINDOW` answers of that key (any source), else False; None
+    for the first answer of its key and for a row without a session id.
 
     Args:
-        responses: one per answered request.
-        rows: all rows of the run, errors included (default: ``len(responses)``).
+        responses: the answered requests, in the order they were sent in each session.
     """
-    model = [r for r in responses if r.source != "fallback"]
-    failures: Counter[str] = Counter()
-    passed = 0
-    leak_rows = 0
-    correction_rows = 0
-    praise = 0
-    leaks = 0
-    for response in model:
+    history: dict[tuple[str, str | None], deque[str]] = {}
+    checks: list[RowChecks] = []
+    for response in responses:
+        text = normalised_text(response.fast_response)
+        repeats: bool | None = None
+        if response.session_id is not None:
+            earlier = history.setdefault(
+                (response.session_id, response.personality), deque(maxlen=REPETITION_WINDOW)
+            )
+            repeats = text in earlier if earlier else None
+            earlier.append(text)
+        if response.source == "fallback":
+            checks.append(RowChecks(passes=False, repeats_in_session=repeats))
+            continue
         failed = failed_filters(
             response.fast_response,
             user_turn=response.user_turn,
             main_response=response.main_response,
         )
-        failures.update(failed)
-        passed += not failed
-        if response.main_response is not None:
-            leak_rows += 1
-            leaks += "no_leak" in failed
-            if corrects_child(response.main_response):
-                correction_rows += 1
-                praise += "no_contradiction" in failed
-    texts = [r.fast_response for r in model]
+        main = response.main_response
+        checks.append(
+            RowChecks(
+                failed_filters=failed,
+                passes=not failed,
+                leak=None if main is None else "no_leak" in failed,
+                praise_before_correction=(
+                    "no_contradiction" in failed
+                    if main is not None and corrects_child(main)
+                    else None
+                ),
+                safety_flag="kid_safe" in failed,
+                repeats_in_session=repeats,
+                words=len(response.fast_response.split()),
+                chars=len(response.fast_response),
+            )
+        )
+    return checks
+
+
+def _count(values: Iterable[bool | None]) -> tuple[int, int]:
+    """(True count, not-None count) of `values`."""
+    flags = [value for value in values if value is not None]
+    return sum(flags), len(flags)
+
+
+def summarize_checks(
+    responses: Sequence[ServedResponse], checks: Sequence[RowChecks], rows: int | None = None
+) -> AutoMetrics:
+    """The run's figures from each response and its checks (see the module docstring).
+
+    Every rate is over the rows where its check applies (the check is not None), so
+    stored checks are summarised as they were made.
+
+    Args:
+        responses: the ok rows of a run (answered requests, any source).
+        checks: `check_rows(responses)` or the checks stored with them, same order.
+        rows: all rows of the run, errors included (default: ``len(responses)``).
+
+    Raises:
+        ValueError: `checks` and `responses` differ in length.
+    """
+    if len(checks) != len(responses):
+        raise ValueError(f"{len(checks)} checks for {len(responses)} responses")
+    pairs = list(zip(responses, checks, strict=True))
+    model = [(r, c) for r, c in pairs if r.source != "fallback"]
+    failures: Counter[str] = Counter()
+    for _, check in model:
+        failures.update(check.failed_filters)
+    leaks, leak_rows = _count(c.leak for _, c in model)
+    praise, correction_rows = _count(c.praise_before_correction for _, c in model)
+    flags, flag_rows = _count(c.safety_flag for _, c in model)
+    repeats, repeat_rows = _count(c.repeats_in_session for c in checks)
+    passed = sum(c.passes is True for c in checks)
+    texts = [r.fast_response for r, _ in model]
     openers = Counter(o for o in (opener(t) for t in texts) if o)
     top = openers.most_common(1)
+    latency = latency_percentiles([r.latency_ms for r in responses if r.latency_ms is not None])
     return AutoMetrics(
         rows=len(responses) if rows is None else rows,
         ok=len(responses),
@@ -145,11 +273,61 @@ def compute_metrics(responses: Sequence[ServedResponse], rows: int | None = None
         correction_rows=correction_rows,
         distinct_1=distinct_n(texts, 1),
         distinct_2=distinct_n(texts, 2),
-        mean_words=sum(len(t.split()) for t in texts) / len(texts) if texts else None,
-        mean_chars=sum(len(t) for t in texts) / len(texts) if texts else None,
+        mean_words=_mean([c.words for _, c in model if c.words is not None]),
+        mean_chars=_mean([c.chars for _, c in model if c.chars is not None]),
         top_opener=top[0][0] if top else None,
         top_opener_share=_rate(top[0][1], len(model)) if top else None,
         filter_failures=dict(sorted(failures.items())),
+        latency_p50_ms=latency.p50 if latency else None,
+        latency_p95_ms=latency.p95 if latency else None,
+        latency_p99_ms=latency.p99 if latency else None,
+        cache_rate=_rate(sum(r.source == "cache" for r in responses), len(responses)),
+        repetition_rate=_rate(repeats, repeat_rows),
+        repetition_denominator=repeat_rows,
+        safety_flag_rate=_rate(flags, flag_rows),
+        safety_flags=flags,
+    )
+
+
+def compute_metrics(responses: Sequence[ServedResponse], rows: int | None = None) -> AutoMetrics:
+    """The metrics of `responses` (the ok rows of a run): check each, then summarise.
+
+    Args:
+        responses: one per answered request, in the order sent.
+        rows: all rows of the run, errors included (default: ``len(responses)``).
+    """
+    return summarize_checks(responses, check_rows(responses), rows)
+
+
+def served_response(row: ScoredRow) -> ServedResponse:
+    """The `ServedResponse` of an ok scored row (a row without a source counts as model).
+
+    Raises:
+        ValueError: the row is not ok (its request failed).
+    """
+    if not row.ok or row.fast_response is None:
+        raise ValueError(f"row {row.id} has no answer: {row.error}")
+    return ServedResponse(
+        user_turn=row.triple.user_turn,
+        main_response=row.triple.main_response,
+        fast_response=row.fast_response,
+        source=row.source or "model",
+        id=row.id,
+        personality=row.personality,
+        session_id=row.session_id,
+        latency_ms=row.latency_ms,
+    )
+
+
+def metrics_of_rows(rows: Sequence[ScoredRow]) -> AutoMetrics:
+    """The metrics of an evaluation run's rows, from the checks stored in them.
+
+    The ok rows are summarised with their stored ``row.checks`` (nothing is checked
+    again, so the figures are those of the run); failed requests count in ``rows`` only.
+    """
+    ok = [row for row in rows if row.ok]
+    return summarize_checks(
+        [served_response(row) for row in ok], [row.checks for row in ok], len(rows)
     )
 
 
@@ -159,6 +337,10 @@ class ReplayFileError(ValueError):
 
 def read_replay(path: Path) -> tuple[list[ServedResponse], int]:
     """The ok rows of a `fastresp replay --out` file, and the count of all its rows.
+
+    Each response carries the row's ``personality``, ``session_id`` and ``latency_ms``
+    when present, and the id ``{triple id}|{personality}`` (the triple id alone when the
+    row names no personality).
 
     Raises:
         ReplayFileError: the file is missing, or a line is not a replay row (line named).
@@ -178,12 +360,24 @@ def read_replay(path: Path) -> tuple[list[ServedResponse], int]:
             if row.get("error") is not None or row.get("fast_response") is None:
                 continue
             triple = row["triple"]
+            personality = row.get("personality")
+            session_id = row.get("session_id")
+            latency = row.get("latency_ms")
+            triple_id = str(triple["id"]) if triple.get("id") is not None else None
             responses.append(
                 ServedResponse(
                     user_turn=str(triple["user_turn"]),
                     main_response=triple.get("main_response"),
                     fast_response=str(row["fast_response"]),
                     source=str(row["source"]),
+                    id=(
+                        row_id(triple_id, str(personality))
+                        if triple_id is not None and personality is not None
+                        else triple_id
+                    ),
+                    personality=None if personality is None else str(personality),
+                    session_id=None if session_id is None else str(session_id),
+                    latency_ms=None if latency is None else float(latency),
                 )
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -199,6 +393,10 @@ def _fmt(value: float | None, percent: bool = False) -> str:
     return f"{value:.1%}" if percent else f"{value:.2f}"
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def markdown_table(runs: Sequence[tuple[str, AutoMetrics]]) -> str:
     """A Markdown table with one column per run and one row per metric."""
     header = "| metric | " + " | ".join(name for name, _ in runs) + " |"
@@ -209,7 +407,11 @@ def markdown_table(runs: Sequence[tuple[str, AutoMetrics]]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("rows answered (ok / all)", (f"{m.ok} / {m.rows}" for _, m in runs))
+    row("latency P50 (ms)", (_ms(m.latency_p50_ms) for _, m in runs))
+    row("latency P95 (ms)", (_ms(m.latency_p95_ms) for _, m in runs))
+    row("latency P99 (ms)", (_ms(m.latency_p99_ms) for _, m in runs))
     row("fallback rate", (_fmt(m.fallback_rate, True) for _, m in runs))
+    row("cache rate", (_fmt(m.cache_rate, True) for _, m in runs))
     row("passes guard and filters", (_fmt(m.pass_rate, True) for _, m in runs))
     row(
         "leak rate",
@@ -218,6 +420,14 @@ def markdown_table(runs: Sequence[tuple[str, AutoMetrics]]) -> str:
     row(
         "praise before a correction",
         (f"{_fmt(m.praise_before_correction, True)} (of {m.correction_rows})" for _, m in runs),
+    )
+    row(
+        "repetition rate",
+        (f"{_fmt(m.repetition_rate, True)} (of {m.repetition_denominator})" for _, m in runs),
+    )
+    row(
+        "safety flags",
+        (f"{m.safety_flags} ({_fmt(m.safety_flag_rate, True)})" for _, m in runs),
     )
     row("distinct-1", (_fmt(m.distinct_1) for _, m in runs))
     row("distinct-2", (_fmt(m.distinct_2) for _, m in runs))
