@@ -63,20 +63,21 @@ def write_synced(path: Path, data: bytes) -> None:
 
 def write_atomic(
     path: Path,
-    parts: Iterable[str],
+    parts: Iterable[str] | bytes,
     *,
     mode: int | None = None,
     sync_dir: bool = False,
 ) -> None:
-    """Replace `path` with the concatenation of `parts` (UTF-8), atomically.
+    """Replace `path` with the concatenation of `parts` (UTF-8), or with `parts` itself
+    when it is bytes (a PNG), atomically.
 
-    The text goes to a temporary file beside `path` (``.<name>.<random>.tmp``), which
+    The data goes to a temporary file beside `path` (``.<name>.<random>.tmp``), which
     gets its mode, is fsynced and is then renamed over `path` (`os.replace`). `parts`
     is consumed lazily, so a generator that raises leaves `path` untouched too.
 
     Args:
         path: The file to write; its folder must exist.
-        parts: The text, in pieces (a one-element list for a whole string).
+        parts: The text, in pieces (a one-element list for a whole string), or bytes.
         mode: The file's permission bits; None: what a plain ``open()`` would give
             (0666 less the umask), not the 0600 of a temporary file.
         sync_dir: Also fsync the folder after the rename, so the new entry itself
@@ -86,8 +87,7 @@ def write_atomic(
         OSError: The folder is missing or not writable; `path` is then untouched.
     """
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-        "w",
-        encoding="utf-8",
+        "wb",
         dir=path.parent,
         prefix=f".{path.name}.",
         suffix=".tmp",
@@ -95,8 +95,11 @@ def write_atomic(
     )
     try:
         with handle:
-            for part in parts:
-                handle.write(part)
+            if isinstance(parts, bytes):
+                handle.write(parts)
+            else:
+                for part in parts:
+                    handle.write(part.encode("utf-8"))
             handle.flush()
             os.fchmod(handle.fileno(), 0o666 & ~umask() if mode is None else mode)
             os.fsync(handle.fileno())
