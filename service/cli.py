@@ -369,41 +369,18 @@ def replay(
     failed, 2 for bad arguments.
     """
     import asyncio
-    from collections import Counter
-    from typing import cast
 
     import httpx
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from adapters.sources import (
-        DEFAULT_SOURCE_PATHS,
-        SOURCE_KINDS,
-        SourceFormatError,
-        SourceKind,
-        load_triples,
-    )
+    from service.cli_common import load_source_triples
     from service.replay import fetch_personalities, render, summarize, write_jsonl
     from service.replay import replay as run_replay
 
-    if source not in SOURCE_KINDS:
-        fail(f"--source: unknown source {source!r}; choose one of {', '.join(SOURCE_KINDS)}")
-    if path is None:
-        if source not in DEFAULT_SOURCE_PATHS:
-            fail(f"--path is required with --source {source}")
-        path = DEFAULT_SOURCE_PATHS[source]
-    path = path.resolve()
-    if not path.is_file():
-        fail(f"--path: no such file: {path}")
+    triples, path, skipped = load_source_triples(source, path, limit)
     if out is not None and not out.resolve().parent.is_dir():
         fail(f"--out: no such directory: {out.resolve().parent}")
-
-    skipped: Counter[str] = Counter()
-    try:
-        kind = cast("SourceKind", source)  # checked against SOURCE_KINDS above
-        triples = load_triples(kind, path, limit=limit or None, skipped=skipped)
-    except (SourceFormatError, UnicodeDecodeError) as exc:
-        fail(f"--path: not a usable {source} file: {exc}")
     console = Console()
     if not console.is_terminal:  # a pipe or a file: wide enough for one line per row
         console = Console(width=3 * max_text + 75)

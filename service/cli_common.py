@@ -8,9 +8,14 @@ it without importing each other.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from adapters.sources import Triple
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -41,3 +46,41 @@ def load_settings(**overrides: Any) -> Any:
             for err in exc.errors()
         )
         fail(f"bad settings: {problems}")
+
+
+def load_source_triples(
+    source: str, path: Path | None, limit: int
+) -> tuple[list[Triple], Path, Counter[str]]:
+    """The triples of a ``--source``/``--path``/``--limit`` trio (`fastresp replay`,
+    `fastresp eval run`): the file read, and the skipped source rows by reason.
+
+    `path` None means the source's default file (`adapters.sources.DEFAULT_SOURCE_PATHS`,
+    relative to the current directory); `limit` 0 means every triple. Exits with code 2
+    and a message naming the option on an unknown source, a missing or unusable file.
+    """
+    from typing import cast
+
+    from adapters.sources import (
+        DEFAULT_SOURCE_PATHS,
+        SOURCE_KINDS,
+        SourceFormatError,
+        SourceKind,
+        load_triples,
+    )
+
+    if source not in SOURCE_KINDS:
+        fail(f"--source: unknown source {source!r}; choose one of {', '.join(SOURCE_KINDS)}")
+    if path is None:
+        if source not in DEFAULT_SOURCE_PATHS:
+            fail(f"--path is required with --source {source}")
+        path = DEFAULT_SOURCE_PATHS[source]
+    path = path.resolve()
+    if not path.is_file():
+        fail(f"--path: no such file: {path}")
+    skipped: Counter[str] = Counter()
+    try:
+        kind = cast("SourceKind", source)  # checked against SOURCE_KINDS above
+        triples = load_triples(kind, path, limit=limit or None, skipped=skipped)
+    except (SourceFormatError, UnicodeDecodeError) as exc:
+        fail(f"--path: not a usable {source} file: {exc}")
+    return triples, path, skipped

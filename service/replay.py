@@ -237,6 +237,7 @@ async def replay(
     concurrency: int = 4,
     timeout_s: float = 30.0,
     progress: Callable[[int, int], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[ReplayRow]:
     """Send every triple to ``POST {base_url}/fast-response`` and collect the answers.
 
@@ -253,6 +254,8 @@ async def replay(
         concurrency: Most requests in flight at once; at least 1.
         timeout_s: Per-request timeout (connect, read, write, pool), in seconds.
         progress: Called as ``progress(done, total)`` after each row completes.
+        transport: Where requests go instead of the network, e.g.
+            ``httpx.ASGITransport(app)`` for a gateway running in this process.
 
     Returns:
         One row per triple, in the order of `triples`.
@@ -270,7 +273,9 @@ async def replay(
     done = 0
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=timeout_s, limits=limits, transport=transport
+    ) as client:
 
         async def one(index: int, triple: Triple) -> ReplayRow:
             nonlocal done

@@ -6,16 +6,13 @@ for every (triple, personality), rejection reasons counted, structured output se
 accepted, resume, and a SIGKILLed `fastresp data label` resumed without duplicates or
 lost rows.
 
-The standard prompt is about 3,700 tokens for the tiny model's small tokenizer, more
-than the 2,048 positions its config declares, so the test serves a copy whose config
-allows 8,192 (RoPE has no learned positions; the weights are random anyway).
+The standard prompt is about 3,700 tokens for the tiny model's small tokenizer, so the
+server runs a copy allowing 8,192 positions (`tests.vllm_servers.tiny_chat_server`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +21,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from adapters.labels import LabeledRow, read_rows, row_id
@@ -32,10 +28,9 @@ from adapters.sources import Triple, read_bridge
 from adapters.teacher import TeacherConfig, label_with_teacher, load_prompt
 from service.personalities import load_personalities
 from tests.conftest import REPO_ROOT
-from tests.vllm_servers import SERVER_START_TIMEOUT_S, launch_engine_server, wait_healthy
+from tests.vllm_servers import tiny_chat_server
 
 FASTRESP = str(Path(sys.executable).parent / "fastresp")
-MAX_MODEL_LEN = 8192
 
 
 def _expected_counts(rows: list[LabeledRow]) -> Counter[str]:
@@ -54,28 +49,8 @@ def teacher_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """(base URL ending in /v1, served model name) of a vLLM server on the tiny model."""
-    root = tmp_path_factory.mktemp("teacher")
-    model = root / "tiny-long"
-    shutil.copytree(tiny_model_dir, model)
-    config_file = model / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["max_position_embeddings"] = MAX_MODEL_LEN
-    config_file.write_text(json.dumps(config), encoding="utf-8")
-
-    server = launch_engine_server(
-        model,
-        8,
-        root / "vllm.log",
-        core=0,
-        extra_vllm_args=("--max-model-len", str(MAX_MODEL_LEN)),
-    )
-    try:
-        wait_healthy([server], SERVER_START_TIMEOUT_S)
-        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
-        yield f"{server.url}/v1", models["data"][0]["id"]
-    finally:
-        server.kill()
-        server.process.wait()
+    with tiny_chat_server(tiny_model_dir, tmp_path_factory.mktemp("teacher")) as server:
+        yield server.api_url, server.model
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,15 @@ answers 200 or fails the test with the server's log tail.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +85,49 @@ def wait_healthy(servers: list[Server], timeout_s: float) -> None:
         if pending and time.monotonic() > deadline:
             pytest.fail(f"vLLM server {pending[0].url} not healthy in {timeout_s:g} s")
         time.sleep(0.5)
+
+
+CHAT_MAX_MODEL_LEN = 8192
+"""Context of `tiny_chat_server`: the teacher and judge prompts are 3,000-4,000 tokens
+for the tiny model's almost character-level tokenizer, more than the 2,048 positions its
+config declares."""
+
+
+@dataclass(frozen=True)
+class ChatServer:
+    """A running OpenAI-compatible server: its ``/v1`` root, model name and files."""
+
+    api_url: str
+    """Ends in ``/v1`` (what an OpenAI client takes as base_url)."""
+    model: str
+    """The served model name."""
+    url: str
+    """The server root (``/health``, the engine URL a gateway takes)."""
+    model_dir: Path
+
+
+@contextmanager
+def tiny_chat_server(tiny_model_dir: Path, root: Path, core: int = 0) -> Iterator[ChatServer]:
+    """A vLLM server on a copy of the tiny model whose config allows `CHAT_MAX_MODEL_LEN`
+    positions (RoPE has no learned positions; the weights are random anyway): a stand-in
+    teacher or judge whose replies are noise, for tests of mechanics."""
+    model = root / "tiny-long"
+    shutil.copytree(tiny_model_dir, model)
+    config_file = model / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["max_position_embeddings"] = CHAT_MAX_MODEL_LEN
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    server = launch_engine_server(
+        model,
+        8,
+        root / "vllm.log",
+        core=core,
+        extra_vllm_args=("--max-model-len", str(CHAT_MAX_MODEL_LEN)),
+    )
+    try:
+        wait_healthy([server], SERVER_START_TIMEOUT_S)
+        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+        yield ChatServer(f"{server.url}/v1", models["data"][0]["id"], server.url, model)
+    finally:
+        server.kill()
+        server.process.wait()

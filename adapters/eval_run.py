@@ -1,0 +1,441 @@
+"""`fastresp eval run`: answer triples with the service, score every answer, report.
+
+One run folder holds everything, so a run can be re-reported, resumed or compared
+later without the service or the judge:
+
+==================  ===================================================================
+file                what
+==================  ===================================================================
+responses.jsonl     the service's answers (`service.replay.ReplayRow`, one per
+                    (triple, personality) pair; `fastresp eval metrics` reads it too)
+judgements.jsonl    the judge's verdicts, appended one line at a time (resumable,
+                    `adapters.judge.judge_items`); absent without a judge
+rows.jsonl          one `adapters.eval_rows.ScoredRow` per pair: answer, automatic
+                    checks and both verdicts
+run.json            `adapters.eval_rows.RunInfo`: command, machine, target, judge,
+                    calibration
+summary.json,       `adapters.eval_report.write_report`: headline figures against the
+report.md,          targets, automatic metrics, per-personality table, the 10 worst
+report.html, plots/ responses, score and latency plots
+==================  ===================================================================
+
+Steps (`evaluate`):
+
+1. **Answers.** Every triple is sent once per personality: to a live gateway
+   (``--url``), to a gateway built in this process from the ``FASTRESP_*`` settings
+   (``--in-process``: the same app, the same engine choice, no HTTP server), or read
+   from a `fastresp replay --out` file (``--responses``). A ``responses.jsonl`` already in
+   the run folder is reused, so a run killed while judging resumes without asking the
+   service again.
+2. **Automatic checks** of every answer (`adapters.auto_metrics.check_rows`).
+3. **Judge** (when one is set): both judgements of every answered pair, fallback
+   phrases included (they are what the child heard). A verdict the judge still fails
+   after its retries is not stored; the row says so and a re-run asks again.
+4. **Rows and report**, rewritten on every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapters.auto_metrics import ServedResponse, check_rows
+from adapters.eval_rows import (
+    JUDGEMENT_KINDS,
+    Calibration,
+    JudgementKind,
+    RowChecks,
+    RunInfo,
+    ScoredRow,
+    Verdict,
+    row_id,
+)
+from adapters.sources import Triple
+from service.replay import ReplayRow
+
+if TYPE_CHECKING:
+    from adapters.eval_report import ReportSummary
+    from adapters.judge import JudgeConfig, JudgeRunSummary
+
+RESPONSES_FILE = "responses.jsonl"
+JUDGEMENTS_FILE = "judgements.jsonl"
+ROWS_FILE = "rows.jsonl"
+RUN_FILE = "run.json"
+
+IN_PROCESS_URL = "http://in-process"
+"""The base URL requests carry when the gateway runs in this process (never dialled)."""
+
+JUDGE_ERROR = "judge_error: the judge request failed after its retries; a re-run asks again"
+
+
+class EvalRunError(RuntimeError):
+    """The run cannot go on: the service or its personalities are unreachable, or a
+    responses file is unusable. The message names the cause."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What answers the triples: exactly one of `url`, `in_process`, `responses`."""
+
+    url: str | None = None
+    in_process: bool = False
+    responses: Path | None = None
+
+    def describe(self) -> str:
+        if self.responses is not None:
+            return f"responses file {self.responses}"
+        if self.in_process:
+            return "in-process gateway (FASTRESP_* settings)"
+        return f"service {self.url}"
+
+
+def machine_description() -> str:
+    """This machine: hostname, CPU model and count, and its GPUs (``nvidia-smi -L``) or
+    "no GPU" when there is no NVIDIA driver. Never raises."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = "no GPU"
+    if shutil.which("nvidia-smi"):
+        try:
+            listed = subprocess.run(
+                ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            listed = ""
+        if listed:
+            gpus = "GPU: " + "; ".join(listed.splitlines())
+    return f"{socket.gethostname()}: {os.cpu_count()} x {cpu}, {gpus}"
+
+
+def pairs(triples: Sequence[Triple], personalities: Sequence[str]) -> list[Triple]:
+    """Each triple repeated once per personality, in the order `service.replay.replay`
+    assigns personalities round robin, so triple i meets every personality once."""
+    return [triple for triple in triples for _ in personalities]
+
+
+async def answer_with_service(
+    triples: Sequence[Triple],
+    target: Target,
+    personalities: Sequence[str] | None,
+    *,
+    concurrency: int,
+    timeout_s: float,
+    progress: Callable[[int, int], None] | None = None,
+    settings: Any = None,
+) -> list[ReplayRow]:
+    """Every (triple, personality) answer from a live or in-process gateway.
+
+    Args:
+        triples: The triples; each is sent once per personality.
+        target: `Target.url` or `Target.in_process`.
+        personalities: Names to ask for; None: every one the gateway serves.
+        concurrency, timeout_s: As `service.replay.replay`.
+        progress: ``progress(done, total)`` per answer.
+        settings: `service.settings.Settings` for the in-process gateway (None: from
+            the environment).
+
+    Raises:
+        EvalRunError: the personalities cannot be listed, or the gateway serves none.
+    """
+    import httpx
+
+    from service.replay import fetch_personalities, replay
+
+    async with AsyncExitStack() as stack:
+        transport: httpx.AsyncBaseTransport | None = None
+        if target.in_process:
+            from service.app import create_app
+            from service.settings import Settings
+
+            app = create_app(settings if settings is not None else Settings())
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            transport = httpx.ASGITransport(app=app)
+            base_url = IN_PROCESS_URL
+            served = list(app.state.service.personalities)
+        else:
+            assert target.url is not None
+            base_url = target.url.rstrip("/")
+            served = []
+            if personalities is None:
+                try:
+                    served = await asyncio.to_thread(fetch_personalities, base_url, timeout_s)
+                except (httpx.HTTPError, ValueError) as exc:
+                    raise EvalRunError(
+                        f"cannot list personalities from {base_url}/personalities: "
+                        f"{type(exc).__name__}: {exc} (is the service running? or pass "
+                        "--personality)"
+                    ) from exc
+        names = list(personalities) if personalities is not None else served
+        if not names:
+            raise EvalRunError(f"{target.describe()} serves no personalities")
+        return await replay(
+            pairs(triples, names),
+            base_url,
+            names,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            progress=progress,
+            transport=transport,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def read_responses(path: Path) -> list[ReplayRow]:
+    """The rows of a `fastresp replay --out` (or a run's ``responses.jsonl``) file.
+
+    Raises:
+        EvalRunError: unreadable, or a line is not a replay row (``path:line``).
+    """
+    from pydantic import ValidationError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalRunError(f"cannot read responses file {path}: {exc}") from exc
+    rows: list[ReplayRow] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(ReplayRow.model_validate_json(line))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "row"
+            raise EvalRunError(
+                f"{path}:{number}: not a replay row: {where}: {first['msg']}"
+            ) from exc
+    return rows
+
+
+def served(row: ReplayRow) -> ServedResponse:
+    """An answered replay row as `adapters.auto_metrics` reads it."""
+    assert row.fast_response is not None and row.source is not None
+    return ServedResponse(
+        user_turn=row.triple.user_turn,
+        main_response=row.triple.main_response,
+        fast_response=row.fast_response,
+        source=row.source,
+        id=row_id(row.triple.id, row.personality),
+        personality=row.personality,
+        session_id=row.session_id,
+        latency_ms=row.latency_ms,
+    )
+
+
+def scored_rows(
+    responses: Sequence[ReplayRow],
+    verdicts: dict[tuple[str, JudgementKind], Verdict] | None,
+) -> list[ScoredRow]:
+    """One `ScoredRow` per response: its automatic checks and, when `verdicts` is not
+    None (a judge was set), its two verdicts; an answered row the judge has no verdict
+    for gets a score-less verdict whose error is `JUDGE_ERROR`.
+
+    Raises:
+        EvalRunError: two responses have the same (triple id, personality).
+    """
+    answered = [row for row in responses if row.ok and row.fast_response is not None]
+    checks = dict(
+        zip(
+            (id(row) for row in answered),
+            check_rows([served(row) for row in answered]),
+            strict=True,
+        )
+    )
+    out: list[ScoredRow] = []
+    seen: set[str] = set()
+    for row in responses:
+        key = row_id(row.triple.id, row.personality)
+        if key in seen:
+            raise EvalRunError(f"two responses for the same pair {key!r}")
+        seen.add(key)
+        is_answered = id(row) in checks
+        judged: dict[JudgementKind, Verdict | None] = {"intent": None, "bridging": None}
+        if verdicts is not None and is_answered:
+            for kind in JUDGEMENT_KINDS:
+                judged[kind] = verdicts.get((key, kind)) or Verdict(kind=kind, error=JUDGE_ERROR)
+        out.append(
+            ScoredRow(
+                id=key,
+                triple=row.triple,
+                personality=row.personality,
+                session_id=row.session_id,
+                fast_response=row.fast_response if is_answered else None,
+                source=row.source if is_answered else None,
+                adapter_version=row.adapter_version,
+                latency_ms=row.latency_ms if is_answered else None,
+                error=None if is_answered else (row.error or "no answer"),
+                checks=checks.get(id(row), RowChecks()),
+                intent=judged["intent"],
+                bridging=judged["bridging"],
+            )
+        )
+    return out
+
+
+async def judge_responses(
+    responses: Sequence[ReplayRow],
+    out: Path,
+    config: JudgeConfig,
+    progress: Callable[[], None] | None = None,
+) -> JudgeRunSummary:
+    """Both judgements of every answered response into `out` (resumable).
+
+    Raises:
+        adapters.judge.JudgeUnavailable: the judge refuses every request or is down.
+        adapters.judge.JudgePromptError: a judge prompt file is unusable.
+    """
+    from adapters.judge import JudgeItem, judge_items
+
+    items = [
+        JudgeItem(
+            id=row_id(row.triple.id, row.personality),
+            personality=row.personality,
+            pika_turn=row.triple.pika_turn,
+            user_turn=row.triple.user_turn,
+            main_response=row.triple.main_response,
+            fast_response=row.fast_response,
+        )
+        for row in responses
+        if row.ok and row.fast_response is not None
+    ]
+    return await judge_items(items, JUDGEMENT_KINDS, out, config, progress=progress)
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` did: the rows, the report's figures and the judge's counts."""
+
+    rows: list[ScoredRow]
+    summary: ReportSummary
+    judge: JudgeRunSummary | None
+    reused_responses: bool
+
+
+async def evaluate(
+    triples: Sequence[Triple],
+    target: Target,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    command: str = "",
+    triples_description: str = "",
+    personalities: Sequence[str] | None = None,
+    concurrency: int = 4,
+    timeout_s: float = 30.0,
+    judge: JudgeConfig | None = None,
+    calibration: Calibration | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    progress: Callable[[str, int, int], None] | None = None,
+    settings: Any = None,
+) -> EvalResult:
+    """Run the steps of the module docstring into `out_dir` (created if missing).
+
+    Args:
+        triples: Sent once per personality (unused with `Target.responses`).
+        target: What answers.
+        out_dir: The run folder.
+        name: The run's label (default: the folder's name).
+        command, triples_description: Recorded in ``run.json``.
+        personalities: Names to ask for; None: every one the service serves.
+        concurrency, timeout_s: Service requests in flight, per-request timeout (s).
+        judge: The judge; None: automatic metrics only (the report says so).
+        calibration: The judge's `fastresp eval calibrate` result, for the report.
+        log: Receives one line per step.
+        progress: ``progress(step, done, total)`` for ``answers`` and ``judge``.
+        settings: Settings of the in-process gateway (None: from the environment).
+
+    Raises:
+        EvalRunError: see `answer_with_service` and `read_responses`.
+        adapters.judge.JudgeUnavailable, adapters.judge.JudgePromptError: the judge
+            (the answers and verdicts so far stay in `out_dir`).
+        adapters.judge.JudgementsFileError: ``judgements.jsonl`` in `out_dir` came from
+            another judge model or prompt (resuming would mix two judges).
+    """
+    from adapters.dataset import write_jsonl_atomic, write_text_atomic
+    from adapters.eval_report import write_report
+    from adapters.judge import judge_info, load_judge_prompts, read_judgements
+
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
+    if judge is not None:
+        load_judge_prompts(judge)  # a bad prompt file fails before the service is asked
+    responses_path = out_dir / RESPONSES_FILE
+    reused = False
+    if target.responses is not None:
+        responses = read_responses(target.responses)
+        log(f"read {len(responses)} responses from {target.responses}")
+        if target.responses.resolve() != responses_path.resolve():
+            write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
+    elif responses_path.exists():
+        responses = read_responses(responses_path)
+        reused = True
+        log(
+            f"reusing {len(responses)} responses in {responses_path} "
+            "(delete it to ask the service again)"
+        )
+    else:
+        log(f"asking {target.describe()} for {len(triples)} triple(s) x each personality")
+        responses = await answer_with_service(
+            triples,
+            target,
+            personalities,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            progress=(lambda done, total: progress("answers", done, total)) if progress else None,
+            settings=settings,
+        )
+        write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
+        log(f"wrote {len(responses)} responses to {responses_path}")
+
+    judge_summary: JudgeRunSummary | None = None
+    verdicts: dict[tuple[str, JudgementKind], Verdict] | None = None
+    if judge is not None:
+        judgements_path = out_dir / JUDGEMENTS_FILE
+        total = 2 * sum(1 for row in responses if row.ok)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress("judge", done, total)
+
+        log(f"judging {total // 2} answers x {len(JUDGEMENT_KINDS)} judgements with {judge.model}")
+        judge_summary = await judge_responses(responses, judgements_path, judge, tick)
+        verdicts = dict(read_judgements(judgements_path))
+
+    rows = scored_rows(responses, verdicts)
+    write_jsonl_atomic((row.model_dump_json() for row in rows), out_dir / ROWS_FILE)
+    info = RunInfo(
+        name=run_name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command,
+        machine=machine_description(),
+        target=target.describe(),
+        triples=triples_description or f"{len(responses)} (triple, personality) pairs",
+        judge=(
+            judge_info(judge, judge_summary.structured_output if judge_summary else None)
+            if judge is not None
+            else None
+        ),
+        calibration=calibration,
+    )
+    write_text_atomic(out_dir / RUN_FILE, info.model_dump_json(indent=2) + "\n")
+    summary = write_report(rows, info, out_dir)
+    return EvalResult(rows=rows, summary=summary, judge=judge_summary, reused_responses=reused)
