@@ -369,7 +369,12 @@ async def evaluate(
     """
     from adapters.dataset import write_jsonl_atomic, write_text_atomic
     from adapters.eval_report import write_report
-    from adapters.judge import judge_info, load_judge_prompts, read_judgements
+    from adapters.judge import (
+        judge_info,
+        load_judge_prompts,
+        read_judgements,
+        used_structured_output,
+    )
 
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
@@ -404,6 +409,7 @@ async def evaluate(
         log(f"wrote {len(responses)} responses to {responses_path}")
 
     judge_summary: JudgeRunSummary | None = None
+    structured: bool | None = None
     verdicts: dict[tuple[str, JudgementKind], Verdict] | None = None
     if judge is not None:
         judgements_path = out_dir / JUDGEMENTS_FILE
@@ -419,6 +425,7 @@ async def evaluate(
         log(f"judging {total // 2} answers x {len(JUDGEMENT_KINDS)} judgements with {judge.model}")
         judge_summary = await judge_responses(responses, judgements_path, judge, tick)
         verdicts = dict(read_judgements(judgements_path))
+        structured = used_structured_output(judgements_path)
 
     rows = scored_rows(responses, verdicts)
     write_jsonl_atomic((row.model_dump_json() for row in rows), out_dir / ROWS_FILE)
@@ -429,11 +436,7 @@ async def evaluate(
         machine=machine_description(),
         target=target.describe(),
         triples=triples_description or f"{len(responses)} (triple, personality) pairs",
-        judge=(
-            judge_info(judge, judge_summary.structured_output if judge_summary else None)
-            if judge is not None
-            else None
-        ),
+        judge=judge_info(judge, structured) if judge is not None else None,
         calibration=calibration,
     )
     write_text_atomic(out_dir / RUN_FILE, info.model_dump_json(indent=2) + "\n")

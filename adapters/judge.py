@@ -599,6 +599,14 @@ def read_judgements(path: Path) -> dict[tuple[str, JudgementKind], Verdict]:
     }
 
 
+def used_structured_output(path: Path) -> bool | None:
+    """Whether the judgements in `path` were asked for with ``response_format``: True
+    when any was, False when all were asked without it, None when there are none (the
+    run's own summary cannot tell after a resume that sent no request)."""
+    flags = {record.judge.structured_output for record in read_jsonl_rows(path, JudgementRecord)}
+    return True if True in flags else (False if flags else None)
+
+
 def _check_same_judge(
     path: Path, config: JudgeConfig, prompts: Mapping[JudgementKind, JudgePrompt]
 ) -> None:

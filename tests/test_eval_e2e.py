@@ -37,7 +37,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def chat_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ChatServer]:
-    with tiny_chat_server(tiny_model_dir, tmp_path_factory.mktemp("judge")) as server:
+    """The tiny model as engine and judge. Guided decoding without free whitespace, so
+    its random text still fills the judge's JSON schema with a 1-5 score first (with
+    whitespace allowed it spends ``max_tokens`` on blanks before the first key)."""
+    compact_json = ("--structured-outputs-config", '{"disable_any_whitespace": true}')
+    root = tmp_path_factory.mktemp("judge")
+    with tiny_chat_server(tiny_model_dir, root, extra_vllm_args=compact_json) as server:
         yield server
 
 
@@ -131,11 +136,16 @@ def test_run_scores_every_answer_writes_the_report_and_resumes(
             # scored 1-5, or rejected with a reason: never silently empty
             assert (verdict.score is not None and 1 <= verdict.score <= 5) or verdict.error
     stored = {(j["item_id"], j["kind"]) for j in judgements}
+    # the schema was sent and taken, so scores come through, even from random weights
+    scored = [v for row in answered for v in (row.intent, row.bridging) if v and v.score]
+    assert scored, [(row.intent, row.bridging) for row in answered]
+    assert all(j["judge"]["structured_output"] for j in judgements)
     if first.returncode == 0:
         # every verdict came from a stored judgement of the real server
         assert stored == {(row.id, kind) for row in answered for kind in ("intent", "bridging")}
     info = RunInfo.model_validate_json((out / "run.json").read_text(encoding="utf-8"))
     assert info.judge is not None and info.judge.model == chat_server.model
+    assert info.judge.structured_output is True
     assert info.judge.prompt_versions == {
         "intent": "judge-intent-v1",
         "bridging": "judge-bridging-v1",
@@ -164,6 +174,8 @@ def test_run_scores_every_answer_writes_the_report_and_resumes(
     assert len(ids) == len(set(ids))
     assert len(lines_after) >= len(judgements)
     assert [r.id for r in read_scored_rows(out / "rows.jsonl")] == [r.id for r in rows]
+    resumed = RunInfo.model_validate_json((out / "run.json").read_text(encoding="utf-8"))
+    assert resumed.judge is not None and resumed.judge.structured_output is True
 
     # The same answers scored without a judge: automatic metrics only, and the report
     # says no judge was set; the two runs compare paired (same pairs).

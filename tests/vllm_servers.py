@@ -107,10 +107,13 @@ class ChatServer:
 
 
 @contextmanager
-def tiny_chat_server(tiny_model_dir: Path, root: Path, core: int = 0) -> Iterator[ChatServer]:
+def tiny_chat_server(
+    tiny_model_dir: Path, root: Path, core: int = 0, extra_vllm_args: tuple[str, ...] = ()
+) -> Iterator[ChatServer]:
     """A vLLM server on a copy of the tiny model whose config allows `CHAT_MAX_MODEL_LEN`
     positions (RoPE has no learned positions; the weights are random anyway): a stand-in
-    teacher or judge whose replies are noise, for tests of mechanics."""
+    teacher or judge whose replies are noise, for tests of mechanics. `extra_vllm_args`
+    go to vLLM last."""
     model = root / "tiny-long"
     shutil.copytree(tiny_model_dir, model)
     config_file = model / "config.json"
@@ -122,7 +125,7 @@ def tiny_chat_server(tiny_model_dir: Path, root: Path, core: int = 0) -> Iterato
         8,
         root / "vllm.log",
         core=core,
-        extra_vllm_args=("--max-model-len", str(CHAT_MAX_MODEL_LEN)),
+        extra_vllm_args=("--max-model-len", str(CHAT_MAX_MODEL_LEN), *extra_vllm_args),
     )
     try:
         wait_healthy([server], SERVER_START_TIMEOUT_S)
