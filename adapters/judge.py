@@ -19,7 +19,11 @@ shared `adapters.llm_calls.ChatClient` (SDK retries off, tenacity retries on 429
 fallback), a bounded queue feeding ``concurrency`` workers, and an append-only,
 resumable ``judgements.jsonl`` (`adapters.labels.RowWriter`: one flushed and fsynced
 line per judgement, a torn last line repaired, an id never written twice). One line is
-a `JudgementRecord`, id ``{item id}|{kind}``.
+a `JudgementRecord`, id ``{item id}|{kind}|{input sha[:16]}``, where the input SHA-256
+(`judge_input_sha256`) covers the kind and every text the judge sees: an item whose
+answer changed under the same id is a new input, judged again, and its old record
+stays as history. `read_judgements` returns only the verdicts of the items' current
+texts, so a verdict is never reused for a text it did not judge.
 
 - A reply is parsed strictly (`parse_judgement`): safe repairs only, a score out of
   1-5 is rejected, never clamped. An unparsable reply **is** written (its verdict has
@@ -30,13 +34,18 @@ a `JudgementRecord`, id ``{item id}|{kind}``.
 - 401, 403 or 404, or ``max_consecutive_errors`` failed requests in a row, stop the
   run with `JudgeUnavailable`; what was written stays, and a re-run resumes.
 
+Before a run, `check_judge` asks ``GET /models`` once, without retries: a judge that
+is down, refuses the key or does not serve the model fails in about a second instead
+of after every request's backoff. `served_model` names the model of a server that
+serves exactly one, for when none is given.
+
 Calibration (`read_calibration_set`, `agreement`, `calibrate`): the hand-scored set in
 ``tests/data/judge_calibration.jsonl`` is judged like any run, and each judgement's
 agreement with the hand scores is reported as exact agreement, within-1 agreement and
 Spearman's rank correlation.
 
-Only `openai`, `tenacity`, `scipy` (in `agreement`), pydantic and the standard library
-are imported here.
+Only `openai`, `tenacity`, `httpx` (in `check_judge`, `served_model`), `scipy` (in
+`agreement`), pydantic and the standard library are imported here.
 """
 
 from __future__ import annotations
@@ -47,22 +56,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.eval_rows import (
     JUDGEMENT_KINDS,
@@ -78,15 +79,17 @@ from adapters.llm_calls import (
     NO_PIKA_TURN,
     NOT_KNOWN,
     ChatClient,
-    ChatEndpoint,
+    ChatEndpointConfig,
     PromptFile,
-    StructuredMode,
-    check_http_url,
     find_json,
     is_api_error,
     is_fatal,
     public_url,
     read_prompt_file,
+    resolve_api_key,
+)
+from adapters.llm_calls import (  # re-exported: part of this module's API
+    NO_API_KEY as NO_API_KEY,
 )
 
 log = logging.getLogger(__name__)
@@ -105,9 +108,6 @@ DEFAULT_CALIBRATION_SET = (
 
 API_KEY_ENV_VARS: tuple[str, ...] = ("FASTRESP_JUDGE_API_KEY", "OPENAI_API_KEY")
 """Where `JudgeConfig.resolved_api_key` looks for a key, first one set wins."""
-
-NO_API_KEY = "EMPTY"
-"""Sent when no key is configured: a local vLLM server needs none, the SDK needs a value."""
 
 REPLY_EXCERPT_CHARS = 500
 """How much of an unparsable reply a record keeps, for debugging."""
@@ -159,60 +159,149 @@ def _default_prompt_files() -> dict[JudgementKind, Path]:
     return dict(DEFAULT_PROMPT_FILES)
 
 
-class JudgeConfig(BaseModel):
-    """How to reach the judge model and how hard to drive it."""
+class JudgeConfig(ChatEndpointConfig):
+    """How to reach the judge model and how hard to drive it.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The shared fields (``base_url``, ``model``, ``api_key``, ``concurrency``,
+    ``max_tokens``, ``timeout_s``, ``max_retries``, ``max_consecutive_errors``,
+    ``backoff_initial_s``, ``backoff_max_s``, ``structured_output``) and
+    `resolved_api_key` are `adapters.llm_calls.ChatEndpointConfig`'s; the key's
+    environment variables are `API_KEY_ENV_VARS`, and `max_consecutive_errors` failures
+    in a row stop the run with `JudgeUnavailable`. ``model`` is required: when the user
+    names none, resolve it first with `served_model`.
+    """
 
-    base_url: str = Field(min_length=1)
-    """OpenAI-compatible API root, e.g. ``http://127.0.0.1:8100/v1`` or
-    ``https://api.openai.com/v1``."""
-    model: str = Field(min_length=1)
-    """Model name as the server knows it (vLLM: its ``--served-model-name``)."""
-    api_key: SecretStr | None = None
-    """API key; None: `FASTRESP_JUDGE_API_KEY`, then `OPENAI_API_KEY`, then none."""
-    concurrency: int = Field(default=4, ge=1, le=256)
-    """Requests in flight at once."""
+    api_key_env_vars: ClassVar[tuple[str, ...]] = API_KEY_ENV_VARS
+    label: ClassVar[str] = "judge"
+
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     """Sampling temperature: 0 so a judgement is as repeatable as the server allows."""
-    max_tokens: int = Field(default=256, ge=1, le=8192)
-    """Longest reply in tokens (a judgement's JSON needs about 60-100)."""
-    timeout_s: float = Field(default=60.0, gt=0.0)
-    """Limit for one HTTP request, in seconds; a timeout is retried."""
-    max_retries: int = Field(default=5, ge=0, le=50)
-    """Retries after the first attempt, on 429, 5xx, 408, timeouts, connection errors."""
-    max_consecutive_errors: int = Field(default=8, ge=1)
-    """Stop the run (`JudgeUnavailable`) after this many requests in a row failed after
-    their retries: a judge that is down is detected in about two backoff cycles."""
-    backoff_initial_s: float = Field(default=1.0, gt=0.0)
-    """First backoff wait, seconds; it doubles per retry, plus up to 1 s of jitter."""
-    backoff_max_s: float = Field(default=30.0, gt=0.0)
-    """Longest backoff wait, seconds (also caps a server's Retry-After)."""
-    structured_output: StructuredMode = "auto"
-    """``response_format`` with the judgement's JSON schema: ``on`` always, ``off``
-    never, ``auto`` tries it and, if the server answers 400 to it but not to the same
-    request without it, drops it for the rest of the run."""
     prompt_files: dict[JudgementKind, Path] = Field(default_factory=_default_prompt_files)
     """The prompt file of each judgement; a kind left out uses its default."""
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return check_http_url(value)
-
-    def resolved_api_key(self, environ: Mapping[str, str] | None = None) -> str:
-        """The key to send: the configured one, else the first env var set, else "EMPTY"."""
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        env = os.environ if environ is None else environ
-        for name in API_KEY_ENV_VARS:
-            if env.get(name):
-                return env[name]
-        return NO_API_KEY
 
     def prompt_file(self, kind: JudgementKind) -> Path:
         """The prompt file used for `kind`."""
         return self.prompt_files.get(kind, DEFAULT_PROMPT_FILES[kind])
+
+
+# --- checking the judge before a run --------------------------------------------------
+
+CHECK_TIMEOUT_S = 10.0
+"""Limit for the ``GET /models`` of `check_judge` and `served_model`, in seconds."""
+
+LISTED_NAMES_SHOWN = 20
+"""How many listed model names an error message shows (some APIs list hundreds)."""
+
+
+def _listing(names: Sequence[str]) -> str:
+    """`names` for a message: the first `LISTED_NAMES_SHOWN`, then how many more."""
+    if not names:
+        return "no model"
+    shown = ", ".join(repr(name) for name in names[:LISTED_NAMES_SHOWN])
+    more = len(names) - LISTED_NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _list_models(base_url: str, api_key: str, timeout_s: float) -> list[str] | None:
+    """The model ids ``GET {base_url}/models`` lists; None when the server cannot tell.
+
+    One request, no retries: a judge that is down is reported at once.
+
+    Returns:
+        The ``data[].id`` of a 200 answer; None ("cannot check") for a 404 or 405 (some
+        OpenAI-compatible APIs have no /models), a 429 or other 4xx than 401/403, a
+        redirect, or a 200 that is not a model list.
+
+    Raises:
+        JudgeUnavailable: connection refused, DNS failure, timeout (after `timeout_s`),
+            401 or 403 (the key), or a 5xx.
+    """
+    import httpx
+
+    url = base_url.rstrip("/") + "/models"
+    shown = public_url(url)
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout_s)
+    except httpx.HTTPError as exc:  # connection refused, DNS, timeouts, bad scheme
+        raise JudgeUnavailable(
+            f"judge {shown} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
+        ) from exc
+    status = response.status_code
+    if status in (401, 403):
+        raise JudgeUnavailable(
+            f"judge {shown} refused the API key ({status}); set {' or '.join(API_KEY_ENV_VARS)}"
+        )
+    if status >= 500:
+        raise JudgeUnavailable(f"judge {shown} answered {status}: {response.text[:200]!r}")
+    if status != 200:
+        log.info("judge %s answered %d: its models cannot be checked", shown, status)
+        return None
+    try:
+        data = response.json()["data"]
+        names = [item["id"] for item in data]
+    except (ValueError, KeyError, TypeError) as exc:
+        log.info("judge %s: not a model list (%s): its models cannot be checked", shown, exc)
+        return None
+    if not all(isinstance(name, str) for name in names):
+        log.info("judge %s: a model id is not a string: its models cannot be checked", shown)
+        return None
+    return names
+
+
+def check_judge(config: JudgeConfig, *, timeout_s: float = CHECK_TIMEOUT_S) -> str:
+    """Check that the judge is reachable and serves `config.model`, before a run.
+
+    One ``GET {base_url}/models`` with the resolved key (``Authorization: Bearer``),
+    no retries, within `timeout_s` (or `config.timeout_s` when shorter): a judge that
+    is down fails here in about a second for a refused connection, instead of after
+    every request's retries.
+
+    Returns:
+        The model name to use: `config.model`, when the server lists it or cannot
+        tell (404 or 405 from /models, as some hosted APIs answer; a 429; a 200 that
+        is not a model list).
+
+    Raises:
+        JudgeUnavailable: unreachable (refused, DNS, timeout), the key refused (401,
+            403), a 5xx, or a model list that does not hold `config.model` (the
+            message names the listed models).
+    """
+    names = _list_models(
+        config.base_url, config.resolved_api_key(), min(timeout_s, config.timeout_s)
+    )
+    if names is None or config.model in names:
+        return config.model
+    raise JudgeUnavailable(
+        f"judge {public_url(config.base_url)} does not serve model {config.model!r}; "
+        f"it lists {_listing(names)}"
+    )
+
+
+def served_model(
+    base_url: str, api_key: str | None = None, *, timeout_s: float = CHECK_TIMEOUT_S
+) -> str:
+    """The one model a judge server lists, for when no model is named.
+
+    Args:
+        base_url: The API root (``http://127.0.0.1:8100/v1``).
+        api_key: The key; None: `API_KEY_ENV_VARS`, then none (as `JudgeConfig`).
+        timeout_s: Limit for the request, in seconds.
+
+    Raises:
+        JudgeUnavailable: as `check_judge` (unreachable, key refused, 5xx).
+        ValueError: the server lists no model or several (the message names them),
+            or does not list its models at all: a model must be named.
+    """
+    key = resolve_api_key(api_key, API_KEY_ENV_VARS)
+    names = _list_models(base_url, key, timeout_s)
+    shown = public_url(base_url)
+    if names is None:
+        raise ValueError(f"the judge at {shown} does not list its models; name one")
+    if len(names) != 1:
+        raise ValueError(
+            f"the judge at {shown} serves {len(names)} models ({_listing(names)}); name one"
+        )
+    return names[0]
 
 
 # --- the prompts --------------------------------------------------------------------
@@ -247,6 +336,37 @@ class JudgePrompt(PromptFile):
                 "fast_response": item.fast_response,
             }
         )
+
+
+def judge_input_sha256(item: JudgeItem, kind: JudgementKind) -> str:
+    """SHA-256 (hex) of what one judgement judges: `kind` and `item`'s texts.
+
+    The bytes hashed are the UTF-8 of the canonical JSON object with keys ``kind``,
+    ``personality``, ``pika_turn``, ``user_turn``, ``main_response`` and
+    ``fast_response`` (None as ``null``), keys sorted, no whitespace
+    (``separators=(",", ":")``), non-ASCII written as is (``ensure_ascii=False``).
+    The item id is not part of it: the same id with another text is another input.
+    """
+    canonical = json.dumps(
+        {
+            "kind": kind,
+            "personality": item.personality,
+            "pika_turn": item.pika_turn,
+            "user_turn": item.user_turn,
+            "main_response": item.main_response,
+            "fast_response": item.fast_response,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def record_id(item: JudgeItem, kind: JudgementKind) -> str:
+    """The id of one judgement of one input: ``{item id}|{kind}|{input sha[:16]}``
+    (`judge_input_sha256`), so a changed text under the same item id is a new id."""
+    return f"{item.id}|{kind}|{judge_input_sha256(item, kind)[:16]}"
 
 
 def load_judge_prompts(config: JudgeConfig) -> dict[JudgementKind, JudgePrompt]:
@@ -552,18 +672,15 @@ class JudgementRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
-    """``{item id}|{kind}``."""
+    """``{item id}|{kind}|{input_sha256[:16]}`` (`record_id`)."""
     item_id: str
     kind: JudgementKind
+    input_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """`judge_input_sha256` of what was judged: a verdict is used only for this text."""
     verdict: Verdict
     judge: JudgeCall
     reply: str | None = None
     """The reply's first `REPLY_EXCERPT_CHARS` characters, only when it was unparsable."""
-
-
-def record_id(item_id: str, kind: JudgementKind) -> str:
-    """The id of one judgement of one item: ``{item id}|{kind}``."""
-    return f"{item_id}|{kind}"
 
 
 class JudgeRunSummary(BaseModel):
@@ -580,22 +697,35 @@ class JudgeRunSummary(BaseModel):
     judge_errors: int = 0
     """Requests that failed after their retries: not written, a re-run retries them."""
     skipped_done: int = 0
-    """Judgements already in the output file from an earlier run."""
+    """Judgements of the same input (same `record_id`) already in the output file."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     structured_output: bool | None = None
     """Whether the server took ``response_format`` (None: unknown, nothing answered)."""
 
 
-def read_judgements(path: Path) -> dict[tuple[str, JudgementKind], Verdict]:
-    """The verdicts in a judgements file, by (item id, kind).
+def read_judgements(
+    path: Path, items: Sequence[JudgeItem]
+) -> dict[tuple[str, JudgementKind], Verdict]:
+    """The verdicts in a judgements file for `items` as they are now, by (item id, kind).
 
-    Lines that are not a `JudgementRecord` (a torn last line) are skipped; a missing
-    file gives an empty dict.
+    A record counts only when its ``input_sha256`` is `judge_input_sha256` of the item
+    with its id, for its kind: a verdict of an earlier text under the same id (history
+    the file keeps) is not returned, so that item has no verdict until it is judged
+    again. When two items share an id, the last one's texts count.
+
+    Lines that are not a `JudgementRecord` (a torn last line, a line written before
+    records had ``input_sha256``) are skipped; a missing file gives an empty dict.
     """
+    expected: dict[tuple[str, JudgementKind], str] = {
+        (item.id, kind): judge_input_sha256(item, kind)
+        for item in items
+        for kind in JUDGEMENT_KINDS
+    }
     return {
         (record.item_id, record.kind): record.verdict
         for record in read_jsonl_rows(path, JudgementRecord)
+        if expected.get((record.item_id, record.kind)) == record.input_sha256
     }
 
 
@@ -635,10 +765,13 @@ async def judge_items(
 ) -> JudgeRunSummary:
     """Judge every (item, kind) pair into `out` (resumable); one request per pair.
 
-    Pairs whose record id is already in `out` are skipped (``skipped_done``). The
-    others go to `config.concurrency` workers; each record is appended, flushed and
-    fsynced as soon as it is ready, so records are in completion order. A pair seen
-    twice in the input (same item id and kind) is judged once.
+    Pairs whose `record_id` is already in `out` are skipped (``skipped_done``): only
+    the same item id, kind and texts (`judge_input_sha256`) count as done, so an item
+    whose text changed under the same id is judged again and its old record stays in
+    `out` as history (`read_judgements` ignores it). The others go to
+    `config.concurrency` workers; each record is appended, flushed and fsynced as soon
+    as it is ready, so records are in completion order. A pair seen twice in the input
+    (same record id) is judged once.
 
     Args:
         items: The responses to judge, read lazily (at most ``2 * concurrency`` pairs
@@ -664,23 +797,8 @@ async def judge_items(
     summary = JudgeRunSummary()
     tick = progress if progress is not None else (lambda: None)
     _check_same_judge(out, config, prompts)
-    client = ChatClient(
-        ChatEndpoint(
-            base_url=config.base_url,
-            model=config.model,
-            api_key=config.resolved_api_key(),
-            temperature=config.temperature,
-            max_tokens=config.max_tokens,
-            timeout_s=config.timeout_s,
-            max_retries=config.max_retries,
-            backoff_initial_s=config.backoff_initial_s,
-            backoff_max_s=config.backoff_max_s,
-            structured_output=config.structured_output,
-            label="judge",
-        ),
-        logger=log,
-    )
-    queue: asyncio.Queue[tuple[JudgeItem, JudgementKind] | None] = asyncio.Queue(
+    client = ChatClient(config.endpoint(), logger=log)
+    queue: asyncio.Queue[tuple[JudgeItem, JudgementKind, str] | None] = asyncio.Queue(
         maxsize=2 * config.concurrency
     )
     write_lock = asyncio.Lock()
@@ -692,7 +810,8 @@ async def judge_items(
             scheduled: set[str] = set()
             for item in items:
                 for kind in wanted:
-                    rid = record_id(item.id, kind)
+                    input_sha256 = judge_input_sha256(item, kind)
+                    rid = f"{item.id}|{kind}|{input_sha256[:16]}"  # record_id
                     if rid in already_done:
                         summary.skipped_done += 1
                         tick()
@@ -700,7 +819,7 @@ async def judge_items(
                     if rid in scheduled:
                         continue
                     scheduled.add(rid)
-                    await queue.put((item, kind))
+                    await queue.put((item, kind, input_sha256))
             for _ in range(config.concurrency):
                 await queue.put(None)
 
@@ -709,7 +828,8 @@ async def judge_items(
         async def work() -> None:
             nonlocal failures_in_a_row
             while (job := await queue.get()) is not None:
-                item, kind = job
+                item, kind, input_sha256 = job
+                rid = f"{item.id}|{kind}|{input_sha256[:16]}"
                 prompt = prompts[kind]
                 try:
                     reply = await client.complete(prompt.messages(item), judgement_schema(kind))
@@ -725,7 +845,7 @@ async def judge_items(
                     summary.judge_errors += 1
                     log.warning(
                         "judge_error for %s (not written; a re-run retries it): %s: %s",
-                        record_id(item.id, kind),
+                        rid,
                         type(exc).__name__,
                         exc,
                     )
@@ -742,9 +862,10 @@ async def judge_items(
                 failures_in_a_row = 0
                 parsed = parse_judgement(kind, reply.content)
                 record = JudgementRecord(
-                    id=record_id(item.id, kind),
+                    id=rid,
                     item_id=item.id,
                     kind=kind,
+                    input_sha256=input_sha256,
                     verdict=verdict_of(kind, parsed),
                     judge=JudgeCall(
                         model=config.model,
@@ -938,8 +1059,10 @@ async def calibrate(
     """Judge every example for both judgements and measure agreement with the hands.
 
     The judgements go to ``work_dir/judgements.jsonl`` through `judge_items`, so an
-    interrupted calibration resumes. An example the judge failed on (request failed
-    after its retries, or unparsable reply) counts in ``examples`` but not ``scored``.
+    interrupted calibration resumes, and an edited set is judged again for the
+    examples whose texts changed only (their old records stay, unused). An example
+    the judge failed on (request failed after its retries, or unparsable reply) counts
+    in ``examples`` but not ``scored``.
 
     Args:
         examples: The hand-scored examples (`read_calibration_set`).
@@ -954,10 +1077,9 @@ async def calibrate(
     """
     set_sha256 = await asyncio.to_thread(_prepare_calibration, set_path, work_dir)
     out = work_dir / "judgements.jsonl"
-    await judge_items(
-        (example.item() for example in examples), JUDGEMENT_KINDS, out, config, progress=progress
-    )
-    verdicts = read_judgements(out)
+    items = [example.item() for example in examples]
+    await judge_items(items, JUDGEMENT_KINDS, out, config, progress=progress)
+    verdicts = read_judgements(out, items)
     agreements = []
     for kind in JUDGEMENT_KINDS:
         pairs: list[tuple[int, int | None]] = []

@@ -13,6 +13,10 @@ transient failures with tenacity; the rules for that live here once:
   connection errors are retried, never another 4xx; the wait doubles per retry from
   an initial value, plus up to 1 s of jitter, is capped, and honours a server's
   ``Retry-After`` up to the cap.
+- **The configuration** (`ChatEndpointConfig`): the fields every caller's config has
+  (where the endpoint is, which model, the key and where else to find it, how hard to
+  drive it); `TeacherConfig` and `JudgeConfig` subclass it with their own fields,
+  defaults and key environment variables.
 - **The chat client** (`ChatClient`, configured by a `ChatEndpoint`): one
   ``AsyncOpenAI`` with the SDK's own retries off (tenacity is the one retry loop), the
   structured-output decision of a run (``response_format`` ``on``, ``off`` or ``auto``:
@@ -31,16 +35,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ NOT_KNOWN = "not known yet"
 """The main response as a prompt shows it when there is none."""
 NO_PIKA_TURN = "none (the conversation starts here)"
 """Pika's previous turn as a prompt shows it when there is none."""
+
+NO_API_KEY = "EMPTY"
+"""Sent when no key is configured: a local vLLM server needs none, the SDK needs a value."""
 
 PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 """A ``{{name}}`` placeholder of a prompt file's ``user`` template."""
@@ -252,8 +260,8 @@ class MalformedResponse(RuntimeError):
 class ChatEndpoint(BaseModel):
     """What `ChatClient` needs: where the endpoint is and how to ask it.
 
-    Callers build it from their own config (`TeacherConfig`, `JudgeConfig`), which
-    also resolves the API key.
+    Callers build it with `ChatEndpointConfig.endpoint`, which also resolves the API
+    key.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -284,6 +292,101 @@ class ChatEndpoint(BaseModel):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return check_http_url(value)
+
+
+def resolve_api_key(
+    api_key: SecretStr | str | None,
+    env_vars: tuple[str, ...],
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The key to send: `api_key` when given, else the first of `env_vars` set (non-empty)
+    in `environ` (default: the process environment), else `NO_API_KEY`."""
+    if api_key is not None:
+        return api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+    env = os.environ if environ is None else environ
+    for name in env_vars:
+        if env.get(name):
+            return env[name]
+    return NO_API_KEY
+
+
+class ChatEndpointConfig(BaseModel):
+    """What every caller's config of an OpenAI-compatible chat endpoint has.
+
+    A subclass (`adapters.teacher.TeacherConfig`, `adapters.judge.JudgeConfig`) adds
+    its own fields, may redeclare a field to change its default (the teacher samples
+    at 0.9, the judge at 0.0), and sets `api_key_env_vars` and `label`. `endpoint`
+    turns a config into the `ChatEndpoint` a `ChatClient` takes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env_vars: ClassVar[tuple[str, ...]] = ("OPENAI_API_KEY",)
+    """Where `resolved_api_key` looks for a key when none is configured, first set wins."""
+    label: ClassVar[str] = "endpoint"
+    """How log lines and errors name the endpoint's role (``teacher``, ``judge``)."""
+
+    base_url: str = Field(min_length=1)
+    """OpenAI-compatible API root, e.g. ``http://127.0.0.1:8100/v1`` or
+    ``https://api.openai.com/v1``."""
+    model: str = Field(min_length=1)
+    """Model name as the server knows it (vLLM: its ``--served-model-name``)."""
+    api_key: SecretStr | None = None
+    """API key; None: the first of `api_key_env_vars` that is set, else none."""
+    concurrency: int = Field(default=4, ge=1, le=256)
+    """Requests in flight at once."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Sampling temperature."""
+    max_tokens: int = Field(default=256, ge=1, le=8192)
+    """Longest reply, in tokens."""
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    """Limit for one HTTP request, in seconds; a timeout is retried."""
+    max_retries: int = Field(default=5, ge=0, le=50)
+    """Retries after the first attempt, on 429, 5xx, 408, timeouts, connection errors."""
+    max_consecutive_errors: int = Field(default=8, ge=1)
+    """Stop the run (the caller's "unavailable" error) after this many requests in a
+    row failed after their retries: an endpoint that is down is detected in about two
+    backoff cycles instead of failing every item of the input one by one."""
+    backoff_initial_s: float = Field(default=1.0, gt=0.0)
+    """First backoff wait, seconds; it doubles per retry, plus up to 1 s of jitter."""
+    backoff_max_s: float = Field(default=30.0, gt=0.0)
+    """Longest backoff wait, seconds (also caps a server's Retry-After)."""
+    structured_output: StructuredMode = "auto"
+    """``response_format`` with a JSON schema: ``on`` always, ``off`` never, ``auto``
+    tries it and, if the server answers 400 to it but not to the same request without
+    it, drops it for the rest of the run."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return check_http_url(value)
+
+    def resolved_api_key(self, environ: Mapping[str, str] | None = None) -> str:
+        """The key to send: the configured one, else the first of `api_key_env_vars`
+        set in `environ` (default: the process environment), else "EMPTY"."""
+        return resolve_api_key(self.api_key, self.api_key_env_vars, environ)
+
+    def endpoint(self, response_format: dict[str, Any] | None = None) -> ChatEndpoint:
+        """The `ChatEndpoint` for this config (key resolved now), labelled `label`.
+
+        Args:
+            response_format: The endpoint's default ``response_format`` (None: calls
+                give their own, or none).
+        """
+        return ChatEndpoint(
+            base_url=self.base_url,
+            model=self.model,
+            api_key=self.resolved_api_key(),
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            structured_output=self.structured_output,
+            response_format=response_format,
+            label=self.label,
+        )
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field
 
 from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
 from adapters.llm_calls import (
@@ -58,15 +57,16 @@ from adapters.llm_calls import (
     NO_PIKA_TURN,
     NOT_KNOWN,
     ChatClient,
-    ChatEndpoint,
+    ChatEndpointConfig,
     ChatReply,
     PromptFile,
-    StructuredMode,
-    check_http_url,
     find_json,
     is_api_error,
     is_fatal,
     read_prompt_file,
+)
+from adapters.llm_calls import (  # re-exported: part of this module's API
+    NO_API_KEY as NO_API_KEY,
 )
 from adapters.llm_calls import (
     MalformedResponse as MalformedResponse,  # re-exported: part of this module's API
@@ -84,9 +84,6 @@ DEFAULT_PROMPT_FILE = PROMPTS_DIR / "teacher-v1.yaml"
 API_KEY_ENV_VARS: tuple[str, ...] = ("FASTRESP_TEACHER_API_KEY", "OPENAI_API_KEY")
 """Where `TeacherConfig.resolved_api_key` looks for a key, first one set wins."""
 
-NO_API_KEY = "EMPTY"
-"""Sent when no key is configured: a local vLLM server needs none, the SDK needs a value."""
-
 REPLY_EXCERPT_CHARS = 500
 """How much of an unparsable reply a rejected row keeps, for debugging."""
 
@@ -102,59 +99,26 @@ class PromptFileError(ValueError):
 # --- configuration ------------------------------------------------------------------
 
 
-class TeacherConfig(BaseModel):
-    """How to reach the teacher model and how hard to drive it."""
+class TeacherConfig(ChatEndpointConfig):
+    """How to reach the teacher model and how hard to drive it.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The shared fields (``base_url``, ``model``, ``api_key``, ``concurrency``,
+    ``max_tokens``, ``timeout_s``, ``max_retries``, ``max_consecutive_errors``,
+    ``backoff_initial_s``, ``backoff_max_s``, ``structured_output``) and
+    `resolved_api_key` are `adapters.llm_calls.ChatEndpointConfig`'s; the key's
+    environment variables are `API_KEY_ENV_VARS`, and `max_consecutive_errors` failures
+    in a row stop the run with `TeacherUnavailable`.
+    """
 
-    base_url: str = Field(min_length=1)
-    """OpenAI-compatible API root, e.g. ``http://127.0.0.1:8100/v1`` or
-    ``https://api.openai.com/v1``."""
-    model: str = Field(min_length=1)
-    """Model name as the server knows it (vLLM: its ``--served-model-name``)."""
-    api_key: SecretStr | None = None
-    """API key; None: `FASTRESP_TEACHER_API_KEY`, then `OPENAI_API_KEY`, then none."""
+    api_key_env_vars: ClassVar[tuple[str, ...]] = API_KEY_ENV_VARS
+    label: ClassVar[str] = "teacher"
+
     k: int = Field(default=4, ge=1, le=16)
     """Candidates asked for per (triple, personality)."""
-    concurrency: int = Field(default=4, ge=1, le=256)
-    """Requests in flight at once."""
     temperature: float = Field(default=0.9, ge=0.0, le=2.0)
     """Sampling temperature: high enough that the K candidates differ."""
-    max_tokens: int = Field(default=256, ge=1, le=8192)
-    """Longest reply in tokens (K short strings of JSON need about 20 tokens each)."""
-    timeout_s: float = Field(default=60.0, gt=0.0)
-    """Limit for one HTTP request, in seconds; a timeout is retried."""
-    max_retries: int = Field(default=5, ge=0, le=50)
-    """Retries after the first attempt, on 429, 5xx, 408, timeouts, connection errors."""
-    max_consecutive_errors: int = Field(default=8, ge=1)
-    """Stop the run (`TeacherUnavailable`) after this many pairs in a row failed at the
-    teacher after their retries: a teacher that is down is detected in about two
-    backoff cycles instead of failing every pair of the input one by one."""
-    backoff_initial_s: float = Field(default=1.0, gt=0.0)
-    """First backoff wait; it doubles per retry, plus up to 1 s of jitter."""
-    backoff_max_s: float = Field(default=30.0, gt=0.0)
-    """Longest backoff wait (also caps a server's Retry-After)."""
-    structured_output: StructuredMode = "auto"
-    """``response_format`` with a JSON schema: ``on`` always, ``off`` never, ``auto``
-    tries it and, if the server answers 400 to it but not to the same request without
-    it, drops it for the rest of the run."""
     prompt_file: Path = DEFAULT_PROMPT_FILE
     """The standard prompt file (its ``version`` goes into every row)."""
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return check_http_url(value)
-
-    def resolved_api_key(self, environ: Mapping[str, str] | None = None) -> str:
-        """The key to send: the configured one, else the first env var set, else "EMPTY"."""
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        env = os.environ if environ is None else environ
-        for name in API_KEY_ENV_VARS:
-            if env.get(name):
-                return env[name]
-        return NO_API_KEY
 
 
 # --- the prompt ---------------------------------------------------------------------
@@ -392,20 +356,7 @@ class TeacherClient(ChatClient):
     def __init__(self, config: TeacherConfig) -> None:
         self.config = config
         super().__init__(
-            ChatEndpoint(
-                base_url=config.base_url,
-                model=config.model,
-                api_key=config.resolved_api_key(),
-                temperature=config.temperature,
-                max_tokens=config.max_tokens,
-                timeout_s=config.timeout_s,
-                max_retries=config.max_retries,
-                backoff_initial_s=config.backoff_initial_s,
-                backoff_max_s=config.backoff_max_s,
-                structured_output=config.structured_output,
-                response_format=candidates_schema(config.k),
-                label="teacher",
-            ),
+            config.endpoint(response_format=candidates_schema(config.k)),
             logger=log,
         )
 

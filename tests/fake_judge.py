@@ -41,13 +41,29 @@ def completion(content: str) -> dict[str, Any]:
 class FakeJudge:
     """The running server: `url` (an API root ending in /v1) and the `requests` seen."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, models: tuple[str, ...] = ("judge",)) -> None:
         self.reply = reply
+        self.models = models
+        """What ``GET /v1/models`` lists (the judge's pre-flight check reads it)."""
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    status = 200
+                    listed = [{"id": name, "object": "model"} for name in judge.models]
+                    payload: dict[str, Any] = {"object": "list", "data": listed}
+                else:
+                    status, payload = 404, {"error": {"message": "no such route"}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -90,9 +106,9 @@ class FakeJudge:
 
 
 @contextmanager
-def fake_judge(reply: Reply) -> Iterator[FakeJudge]:
+def fake_judge(reply: Reply, models: tuple[str, ...] = ("judge",)) -> Iterator[FakeJudge]:
     """Run a `FakeJudge` for the duration of the block."""
-    judge = FakeJudge(reply)
+    judge = FakeJudge(reply, models)
     judge.start()
     try:
         yield judge

@@ -207,3 +207,43 @@ async def test_calibrate_judges_both_kinds_and_resumes(tmp_path: Path) -> None:
     assert by_kind["bridging"].exact == pytest.approx(0.5)
     assert by_kind["bridging"].within_one == pytest.approx(1.0)
     assert by_kind["bridging"].spearman == pytest.approx(0.9**0.5)
+
+
+@pytest.mark.asyncio
+async def test_an_edited_set_is_judged_again_for_the_changed_examples_only(
+    tmp_path: Path,
+) -> None:
+    # hand intent 5 and 1 (c1, c2); the scripted judge gives intent 5 to an answer with
+    # "number" in it and 1 otherwise, bridging 3 to everything
+    rows = [
+        EXAMPLE | {"id": "c1", "fast_response": "Ooh, number c1!", "intent_score": 5},
+        EXAMPLE | {"id": "c2", "fast_response": "Ooh, number c2!", "intent_score": 1},
+    ]
+
+    def reply(body: dict[str, Any], number: int) -> tuple[int, str]:
+        if "intent_score" in body["messages"][0]["content"]:
+            score = 5 if "number" in body["messages"][1]["content"] else 1
+            return 200, f'{{"intent_score": {score}}}'
+        return 200, '{"bridging_score": 3, "reasoning": "r"}'
+
+    work = tmp_path / "work"
+    first_set = write_set(tmp_path / "set.jsonl", rows)
+    config = JudgeConfig(base_url="http://127.0.0.1:1/v1", model="judge")
+    with fake_judge(reply) as server:
+        config = config.model_copy(update={"base_url": server.url})
+        first = await calibrate(read_calibration_set(first_set), config, work, set_path=first_set)
+        assert len(server.requests) == 4
+        # c2's answer is rewritten (same id): its old verdict (5) must not be reused
+        rows[1] = rows[1] | {"fast_response": "Ooh, a try!"}
+        edited_set = write_set(tmp_path / "edited.jsonl", rows)
+        edited = await calibrate(
+            read_calibration_set(edited_set), config, work, set_path=edited_set
+        )
+        assert len(server.requests) == 6  # c2's two judgements only
+        assert all("Ooh, a try!" in body["messages"][1]["content"] for body in server.requests[4:])
+    intent_before = next(a for a in first.agreements if a.kind == "intent")
+    intent_after = next(a for a in edited.agreements if a.kind == "intent")
+    # before: (5,5) (1,5): exact 1/2. After: (5,5) (1,1): exact 2/2
+    assert intent_before.exact == pytest.approx(0.5)
+    assert intent_after.exact == pytest.approx(1.0) and intent_after.scored == 2
+    assert len((work / "judgements.jsonl").read_text(encoding="utf-8").splitlines()) == 6

@@ -19,12 +19,15 @@ from adapters.judge import (
     JudgeConfig,
     JudgeItem,
     JudgePromptError,
+    judge_input_sha256,
     judgement_schema,
     load_judge_prompts,
     parse_judgement,
+    record_id,
     verdict_of,
 )
-from adapters.llm_calls import NO_PIKA_TURN, NOT_KNOWN
+from adapters.llm_calls import NO_PIKA_TURN, NOT_KNOWN, ChatEndpoint, ChatEndpointConfig
+from adapters.teacher import TeacherConfig, candidates_schema
 
 PINNED_PROMPTS = {
     "judge-intent-v1": "492ead891268ec847122941ff95659d48af4525375ae7cabaf0389eb3f5ce9bc",
@@ -292,6 +295,79 @@ def test_config_checks_the_url_and_resolves_the_key() -> None:
     env = {"OPENAI_API_KEY": "b", "FASTRESP_JUDGE_API_KEY": "a"}
     assert config.resolved_api_key(env) == "a"
     assert JudgeConfig(base_url="http://h/v1", model="j", api_key="c").resolved_api_key(env) == "c"
+
+
+def test_judge_and_teacher_configs_share_one_base_with_their_own_defaults() -> None:
+    judge = JudgeConfig(base_url="http://h/v1", model="j", api_key="k", max_tokens=99)
+    teacher = TeacherConfig(base_url="http://t/v1", model="t")
+    assert isinstance(judge, ChatEndpointConfig) and isinstance(teacher, ChatEndpointConfig)
+    assert (judge.temperature, teacher.temperature) == (0.0, 0.9)
+    assert JudgeConfig.api_key_env_vars == ("FASTRESP_JUDGE_API_KEY", "OPENAI_API_KEY")
+    assert TeacherConfig.api_key_env_vars == ("FASTRESP_TEACHER_API_KEY", "OPENAI_API_KEY")
+    # each key variable is its own role's: the judge's is not the teacher's
+    assert teacher.resolved_api_key({"FASTRESP_JUDGE_API_KEY": "a"}) == "EMPTY"
+    assert "api_key_env_vars" not in JudgeConfig.model_fields  # a ClassVar, not a field
+    with pytest.raises(ValueError, match="extra"):
+        JudgeConfig(base_url="http://h/v1", model="j", k=3)  # type: ignore[call-arg]
+    assert judge.endpoint() == ChatEndpoint(
+        base_url="http://h/v1",
+        model="j",
+        api_key="k",
+        temperature=0.0,
+        max_tokens=99,
+        timeout_s=60.0,
+        max_retries=5,
+        backoff_initial_s=1.0,
+        backoff_max_s=30.0,
+        structured_output="auto",
+        response_format=None,
+        label="judge",
+    )
+    endpoint = teacher.endpoint(response_format=candidates_schema(4))
+    assert (endpoint.label, endpoint.temperature, endpoint.api_key) == ("teacher", 0.9, "EMPTY")
+    assert endpoint.response_format == candidates_schema(4)
+
+
+# --- what a judgement judged ----------------------------------------------------------
+
+ITEM = JudgeItem(
+    id="t1|calm",
+    personality="calm",
+    pika_turn=None,
+    user_turn="Seven?",
+    main_response=None,
+    fast_response="Ooh, a gu\u00e9ss!",
+)
+
+
+def test_the_input_hash_is_of_the_canonical_json_of_kind_and_texts() -> None:
+    # written out by hand: sorted keys, no spaces, null for None, the é as UTF-8
+    canonical = (
+        '{"fast_response":"Ooh, a gu\u00e9ss!","kind":"intent","main_response":null,'
+        '"personality":"calm","pika_turn":null,"user_turn":"Seven?"}'
+    ).encode()
+    assert "\u00e9".encode() in canonical
+    expected = hashlib.sha256(canonical).hexdigest()
+    assert judge_input_sha256(ITEM, "intent") == expected
+    assert record_id(ITEM, "intent") == f"t1|calm|intent|{expected[:16]}"
+
+
+def test_the_input_hash_changes_with_every_judged_text_and_not_with_the_id() -> None:
+    base = judge_input_sha256(ITEM, "intent")
+    assert judge_input_sha256(ITEM, "bridging") != base
+    for change in (
+        {"personality": "playful"},
+        {"pika_turn": "What is three plus three?"},
+        {"pika_turn": ""},  # "" and None render alike, but are not the same input
+        {"user_turn": "Seven!"},
+        {"main_response": "Close! It is six."},
+        {"fast_response": "Ooh, a guess."},
+    ):
+        changed = JudgeItem(**(vars(ITEM) | change))
+        assert judge_input_sha256(changed, "intent") != base, change
+    renamed = JudgeItem(**(vars(ITEM) | {"id": "t2|calm"}))
+    assert judge_input_sha256(renamed, "intent") == base
+    assert record_id(renamed, "intent") != record_id(ITEM, "intent")
 
 
 # --- the schemas --------------------------------------------------------------------
