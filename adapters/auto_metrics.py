@@ -40,9 +40,10 @@ praise_before_correction    model rows failing ``no_contradiction`` (praise such
                             (`text_checks.corrects_child`)
 repetition_rate             rows whose normalised text (`text_checks.word_tokens` joined
                             by one space: case, punctuation and extra spaces ignored)
-                            equals one of the previous 5 answers of the same (session_id,
-                            personality), in input order / rows with at least one earlier
-                            answer in their (session_id, personality)
+                            equals one of the previous 4 answers of the same (session_id,
+                            personality), in input order, so the same answer twice within
+                            5 turns / rows with at least one earlier answer in their
+                            (session_id, personality)
                             (``repetition_denominator``). Rows of every source are turns
                             the child heard, so all count, as repeaters and as history; a
                             row without a session id is its own session. The issue's
@@ -67,7 +68,6 @@ A rate whose denominator is 0 is None ("n/a"), never 0.
 
 from __future__ import annotations
 
-import json
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -75,11 +75,14 @@ from pathlib import Path
 from typing import Any
 
 from adapters.eval_rows import RowChecks, ScoredRow, row_id
-from service.replay import latency_percentiles
+from service.replay import ReplayFileError, ReplayRow, latency_percentiles, read_replay_rows
+
+__all__ = ["ReplayFileError"]  # re-exported: `fastresp eval metrics` catches it here
 from service.text_checks import corrects_child, failed_filters, opener, word_tokens
 
-REPETITION_WINDOW = 5
-"""How many earlier answers of the same (session, personality) a repeat is looked for in."""
+REPETITION_TURNS = 5
+"""A repeat is the same answer twice within this many turns of one (session,
+personality): the turn itself and the `REPETITION_TURNS` - 1 before it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +181,7 @@ def check_rows(responses: Sequence[ServedResponse]) -> list[RowChecks]:
     response corrects the child. A fallback row gets ``passes=False`` and no text check
     (the text is not the model's). Every row gets ``repeats_in_session`` when an earlier
     row shares its (session_id, personality): True when its normalised text equals one
-    of the last `REPETITION_WINDOW` answers of that key (any source), else False; None
+    of the last `REPETITION_TURNS` - 1 answers of that key (any source), else False; None
     for the first answer of its key and for a row without a session id.
 
     Args:
@@ -191,7 +194,7 @@ def check_rows(responses: Sequence[ServedResponse]) -> list[RowChecks]:
         repeats: bool | None = None
         if response.session_id is not None:
             earlier = history.setdefault(
-                (response.session_id, response.personality), deque(maxlen=REPETITION_WINDOW)
+                (response.session_id, response.personality), deque(maxlen=REPETITION_TURNS - 1)
             )
             repeats = text in earlier if earlier else None
             earlier.append(text)
@@ -331,60 +334,37 @@ def metrics_of_rows(rows: Sequence[ScoredRow]) -> AutoMetrics:
     )
 
 
-class ReplayFileError(ValueError):
-    """A replay file is unreadable or a row lacks a field; the message names both."""
+def served_from_replay(row: ReplayRow) -> ServedResponse:
+    """The `ServedResponse` of an answered replay row (`service.replay.ReplayRow`), id
+    ``{triple id}|{personality}`` like `adapters.eval_rows.row_id`.
+
+    Raises:
+        ValueError: the row is not answered (its request failed).
+    """
+    if not row.ok or row.fast_response is None or row.source is None:
+        raise ValueError(f"row {row.triple.id} has no answer: {row.error}")
+    return ServedResponse(
+        user_turn=row.triple.user_turn,
+        main_response=row.triple.main_response,
+        fast_response=row.fast_response,
+        source=row.source,
+        id=row_id(row.triple.id, row.personality),
+        personality=row.personality,
+        session_id=row.session_id,
+        latency_ms=row.latency_ms,
+    )
 
 
 def read_replay(path: Path) -> tuple[list[ServedResponse], int]:
-    """The ok rows of a `fastresp replay --out` file, and the count of all its rows.
-
-    Each response carries the row's ``personality``, ``session_id`` and ``latency_ms``
-    when present, and the id ``{triple id}|{personality}`` (the triple id alone when the
-    row names no personality).
+    """The answered rows of a `fastresp replay --out` file (`served_from_replay`), and
+    the count of all its rows (failed requests included).
 
     Raises:
-        ReplayFileError: the file is missing, or a line is not a replay row (line named).
+        ReplayFileError: the file is missing or unreadable, or a line is not a replay row
+            (``path:line: ...``; `service.replay.read_replay_rows`).
     """
-    responses: list[ServedResponse] = []
-    rows = 0
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReplayFileError(f"cannot read replay file {path}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        rows += 1
-        try:
-            row = json.loads(line)
-            if row.get("error") is not None or row.get("fast_response") is None:
-                continue
-            triple = row["triple"]
-            personality = row.get("personality")
-            session_id = row.get("session_id")
-            latency = row.get("latency_ms")
-            triple_id = str(triple["id"]) if triple.get("id") is not None else None
-            responses.append(
-                ServedResponse(
-                    user_turn=str(triple["user_turn"]),
-                    main_response=triple.get("main_response"),
-                    fast_response=str(row["fast_response"]),
-                    source=str(row["source"]),
-                    id=(
-                        row_id(triple_id, str(personality))
-                        if triple_id is not None and personality is not None
-                        else triple_id
-                    ),
-                    personality=None if personality is None else str(personality),
-                    session_id=None if session_id is None else str(session_id),
-                    latency_ms=None if latency is None else float(latency),
-                )
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ReplayFileError(
-                f"{path}:{number}: not a replay row ({type(exc).__name__}: {exc})"
-            ) from exc
-    return responses, rows
+    rows = read_replay_rows(path)
+    return [served_from_replay(row) for row in rows if row.ok], len(rows)
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

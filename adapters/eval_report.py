@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict
 from adapters.auto_metrics import AutoMetrics, metrics_of_rows
 from adapters.eval_rows import (
     ACCURATE_MIN_SCORE,
+    JUDGE_ERROR_PREFIX,
     JUDGEMENT_KINDS,
     Agreement,
     JudgementKind,
@@ -58,6 +59,14 @@ scores of the calibration set (intent judgement); below it the judge is "weak".
 A judge that guesses from a fixed skewed distribution already lands within one point of
 a 1-5 hand score well over half the time, so agreement worth reading starts higher; 0.8
 is this project's choice for issue 6, not a published standard."""
+
+TRUST_MIN_SCORED_SHARE = 0.9
+"""A calibrated judge gave a usable score to at least this share of the calibration
+examples (intent); agreement over the few it did score says little about the rest."""
+
+MIN_JUDGED_SHARE = 0.9
+"""The judged headline figures decide their targets only when the judge scored at least
+this share of the answered rows; below it the rows it failed on could change the answer."""
 
 TRUST_MIN_SPEARMAN = 0.5
 """A calibrated judge's scores rank the calibration examples like the hand scores with at
@@ -141,18 +150,26 @@ def wilson_interval(accurate: int, scored: int) -> tuple[float, float] | None:
 
 
 def judge_summary(rows: Sequence[ScoredRow], kind: JudgementKind) -> dict[str, Any]:
-    """One judgement's counts: ``scored`` (usable score), ``rejected`` (the judge was
-    asked and gave none: `Verdict.error`), ``mean`` (None when nothing scored) and
-    ``histogram`` (score 1..5 -> rows, every score present)."""
+    """One judgement's counts: ``scored`` (usable score), ``rejected`` (the judge
+    answered without a usable score: `Verdict.error`), ``failed`` (the request failed
+    after its retries: `adapters.eval_run.JUDGE_ERROR`; a re-run asks again), ``mean``
+    (None when nothing scored) and ``histogram`` (score 1..5 -> rows, every score
+    present)."""
     scores = judged_scores(rows, kind)
-    rejected = 0
+    rejected = failed = 0
     for row in rows:
         verdict = row.verdict(kind)
-        rejected += verdict is not None and verdict.score is None
+        if verdict is None or verdict.score is not None:
+            continue
+        if (verdict.error or "").startswith(JUDGE_ERROR_PREFIX):
+            failed += 1
+        else:
+            rejected += 1
     counts = Counter(scores)
     return {
         "scored": len(scores),
         "rejected": rejected,
+        "failed": failed,
         "mean": sum(scores) / len(scores) if scores else None,
         "histogram": {score: counts.get(score, 0) for score in range(1, 6)},
     }
@@ -185,7 +202,8 @@ def judge_trust(info: RunInfo) -> tuple[TrustLevel, str]:
         ``unverified``: a judge, but no calibration of that judge model (none given, one
             of another model, or one without the intent judgement).
         ``weak``: the calibration's intent agreement is below `TRUST_MIN_WITHIN_ONE`
-            within-1 or `TRUST_MIN_SPEARMAN` Spearman, or either is None.
+            within-1 or `TRUST_MIN_SPEARMAN` Spearman, either is None, or the judge
+            scored fewer than `TRUST_MIN_SCORED_SHARE` of the examples.
         ``calibrated``: both at or above their thresholds.
 
     Returns:
@@ -222,13 +240,15 @@ def judge_trust(info: RunInfo) -> tuple[TrustLevel, str]:
     figures = "; ".join(_agreement_text(by_kind[k]) for k in JUDGEMENT_KINDS if k in by_kind)
     bar = (
         f"The bar is within-1 >= {_pct(TRUST_MIN_WITHIN_ONE, 0)} and Spearman >= "
-        f"{TRUST_MIN_SPEARMAN:.1f} on intent."
+        f"{TRUST_MIN_SPEARMAN:.1f} on intent, with at least "
+        f"{_pct(TRUST_MIN_SCORED_SHARE, 0)} of the examples scored."
     )
     strong = (
         intent.within_one is not None
         and intent.spearman is not None
         and intent.within_one >= TRUST_MIN_WITHIN_ONE
         and intent.spearman >= TRUST_MIN_SPEARMAN
+        and intent.scored >= TRUST_MIN_SCORED_SHARE * intent.examples
     )
     if not strong:
         return "weak", (
@@ -272,10 +292,20 @@ def _headline(
     rows: Sequence[ScoredRow], info: RunInfo, metrics: AutoMetrics, trust: TrustLevel
 ) -> list[Headline]:
     judge_note = f"judge trust: {trust}"
+    # A weak judge's scores are noise: a target is neither met nor missed on them.
+    decided = trust != "weak"
+    if not decided:
+        judge_note += " (too weak to decide the target)"
     lines: list[Headline] = []
     accurate, scored = judged_accuracy(rows)
-    accuracy_target = f"> {ACCURACY_TARGET * 100:.0f}%"
-    mean_target = f"> {MEAN_INTENT_TARGET}"
+    answered = sum(1 for row in rows if row.ok)
+    if info.judge is not None and answered and scored < MIN_JUDGED_SHARE * answered:
+        decided = False
+        judge_note += (
+            f"; the judge scored only {scored} of {answered} answers, too few to decide the target"
+        )
+    accuracy_target = f"above {ACCURACY_TARGET * 100:.0f}%"
+    mean_target = f"above {MEAN_INTENT_TARGET}"
     if info.judge is None:
         for name, target in (
             ("judged accuracy", accuracy_target),
@@ -312,11 +342,12 @@ def _headline(
                     name="judged accuracy",
                     value=accuracy,
                     display=(
-                        f"{_pct(accuracy)} ({accurate} of {scored}; 95% Wilson interval "
-                        f"{_pct(interval[0])} to {_pct(interval[1])})"
+                        f"{_pct(accuracy)} ({accurate} of {scored} scored, of {answered} "
+                        f"answered; 95% Wilson interval {_pct(interval[0])} to "
+                        f"{_pct(interval[1])})"
                     ),
                     target=accuracy_target,
-                    met=accuracy > ACCURACY_TARGET,
+                    met=accuracy > ACCURACY_TARGET if decided else None,
                     note=f"{judge_note}; share of intent scores >= {ACCURATE_MIN_SCORE}",
                 )
             )
@@ -333,7 +364,11 @@ def _headline(
                     value=mean,
                     display=f"{mean:.2f} (n={len(scores)})" if mean is not None else "n/a",
                     target=target,
-                    met=None if mean is None or threshold is None else mean > threshold,
+                    met=(
+                        None
+                        if mean is None or threshold is None or not decided
+                        else mean > threshold
+                    ),
                     note=judge_note,
                 )
             )
@@ -342,15 +377,18 @@ def _headline(
     latency_note = (
         "the service's own latency_ms of the answered rows"
         if on_gpu
-        else (f"the run was on the CPU ({info.machine}), so the GPU target does not apply to it")
+        else (
+            f"no GPU found where the run was measured ({info.machine}): the GPU target "
+            "is not decided by this run"
+        )
     )
     lines.append(
         Headline(
             name="P95 latency",
             value=p95,
             display="n/a (no answered row)" if p95 is None else f"{p95:.1f} ms",
-            target=f"< {LATENCY_TARGET_MS:.0f} ms on a GPU (RTX 3090)",
-            met=None if p95 is None else p95 < LATENCY_TARGET_MS,
+            target=f"under {LATENCY_TARGET_MS:.0f} ms on a GPU (RTX 3090)",
+            met=None if p95 is None or not on_gpu else p95 < LATENCY_TARGET_MS,
             note=latency_note,
         )
     )
@@ -384,7 +422,8 @@ def headline(rows: Sequence[ScoredRow], info: RunInfo) -> list[Headline]:
     Wilson interval, target > 95%), mean intent score (> 4.5), mean bridging score (no
     target), P95 latency (`metrics_of_rows`, < 100 ms on a GPU; the note says when the
     run was on the CPU), and the fallback and pass rates as context. Judged figures are
-    "not measured" (value and met None) when the run had no judge.
+    "not measured" (value and met None) when the run had no judge; with a weak judge
+    (`judge_trust`) their values are shown but met is None: noise decides no target.
     """
     level, _ = judge_trust(info)
     return _headline(rows, info, metrics_of_rows(rows), level)
@@ -761,12 +800,24 @@ def _blocks(
         blocks.append(_Heading(2, "Judge"))
         blocks.append(
             _Table(
-                ["judgement", "scored", "rejected", "mean", "1", "2", "3", "4", "5"],
+                [
+                    "judgement",
+                    "scored",
+                    "rejected (no usable score)",
+                    "failed (re-run asks again)",
+                    "mean",
+                    "1",
+                    "2",
+                    "3",
+                    "4",
+                    "5",
+                ],
                 [
                     [
                         kind,
                         str(figures["scored"]),
                         str(figures["rejected"]),
+                        str(figures["failed"]),
                         _num(figures["mean"]),
                         *(str(figures["histogram"][score]) for score in range(1, 6)),
                     ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.sources import Triple
 
@@ -25,6 +25,13 @@ child meant, rubric 1-5) and ``bridging`` (does it lead into the main response w
 leaking, repeating or contradicting it, 1-5)."""
 
 JUDGEMENT_KINDS: tuple[JudgementKind, ...] = ("intent", "bridging")
+
+JUDGE_ERROR_PREFIX = "judge_error"
+JUDGE_ERROR = (
+    f"{JUDGE_ERROR_PREFIX}: the judge request failed after its retries; a re-run asks again"
+)
+"""`Verdict.error` of an answer the judge has no verdict for (its request failed after
+the retries, so nothing was stored): counted as failed, not rejected."""
 
 ACCURATE_MIN_SCORE = 4
 """An intent score at or above this counts as accurate ("judged accuracy")."""
@@ -77,7 +84,7 @@ class RowChecks(BaseModel):
     """The model text fails ``kid_safe`` (a rude, scary or unsafe word)."""
     repeats_in_session: bool | None = None
     """The same text (case and punctuation ignored) was answered in one of the previous
-    5 turns of the same (session, personality)."""
+    4 turns of the same (session, personality): the same answer twice within 5 turns."""
     words: int | None = None
     chars: int | None = None
 
@@ -126,23 +133,9 @@ def read_scored_rows(path: Path) -> list[ScoredRow]:
         RowsFileError: the file is missing or unreadable, or a line is not a `ScoredRow`
             (``path:line: ...``).
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RowsFileError(f"cannot read rows file {path}: {exc}") from exc
-    rows: list[ScoredRow] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(ScoredRow.model_validate_json(line))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "row"
-            raise RowsFileError(
-                f"{path}:{number}: not a scored row: {where}: {first['msg']}"
-            ) from exc
-    return rows
+    from adapters.labels import read_jsonl_strict
+
+    return read_jsonl_strict(path, ScoredRow, RowsFileError, "scored-rows file")
 
 
 # --- what a run records besides its rows (``run.json``) -------------------------------

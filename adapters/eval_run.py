@@ -24,13 +24,16 @@ Steps (`evaluate`):
 1. **Answers.** Every triple is sent once per personality: to a live gateway
    (``--url``), to a gateway built in this process from the ``FASTRESP_*`` settings
    (``--in-process``: the same app, the same engine choice, no HTTP server), or read
-   from a `fastresp replay --out` file (``--responses``). A ``responses.jsonl`` already in
-   the run folder is reused, so a run killed while judging resumes without asking the
-   service again.
+   from a `fastresp replay --out` file (``--responses``). The answers in a
+   ``responses.jsonl`` already in the run folder are reused, so a run killed while
+   judging resumes without asking the service again; its failed pairs are asked again.
+   A folder holding answers for other pairs, or from another target, is refused.
 2. **Automatic checks** of every answer (`adapters.auto_metrics.check_rows`).
 3. **Judge** (when one is set): both judgements of every answered pair, fallback
-   phrases included (they are what the child heard). A verdict the judge still fails
-   after its retries is not stored; the row says so and a re-run asks again.
+   phrases included (they are what the child heard). A verdict is reused only for the
+   very text it judged (`adapters.judge` keys verdicts by a hash of the judged input).
+   A verdict the judge still fails after its retries is not stored; the row says so and
+   a re-run asks again.
 4. **Rows and report**, rewritten on every run.
 """
 
@@ -49,8 +52,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters.auto_metrics import ServedResponse, check_rows
+from adapters.auto_metrics import check_rows, served_from_replay
 from adapters.eval_rows import (
+    JUDGE_ERROR,
     JUDGEMENT_KINDS,
     Calibration,
     JudgementKind,
@@ -65,7 +69,7 @@ from service.replay import ReplayRow
 
 if TYPE_CHECKING:
     from adapters.eval_report import ReportSummary
-    from adapters.judge import JudgeConfig, JudgeRunSummary
+    from adapters.judge import JudgeConfig, JudgeItem, JudgeRunSummary
 
 RESPONSES_FILE = "responses.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
@@ -75,12 +79,16 @@ RUN_FILE = "run.json"
 IN_PROCESS_URL = "http://in-process"
 """The base URL requests carry when the gateway runs in this process (never dialled)."""
 
-JUDGE_ERROR = "judge_error: the judge request failed after its retries; a re-run asks again"
-
 
 class EvalRunError(RuntimeError):
-    """The run cannot go on: the service or its personalities are unreachable, or a
-    responses file is unusable. The message names the cause."""
+    """The run cannot go on: the service or its personalities are unreachable. The
+    message names the cause (`fastresp eval run` exits 1)."""
+
+
+class EvalInputError(ValueError):
+    """The run was asked for something it cannot do: an unusable responses file, a
+    personality the service does not serve, a run folder holding other answers. The
+    message starts with the option at fault (`fastresp eval run` exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -136,22 +144,33 @@ async def answer_with_service(
     *,
     concurrency: int,
     timeout_s: float,
+    previous: Sequence[ReplayRow] = (),
     progress: Callable[[int, int], None] | None = None,
     settings: Any = None,
 ) -> list[ReplayRow]:
     """Every (triple, personality) answer from a live or in-process gateway.
+
+    Answers in `previous` (an earlier run into the same folder) are kept when they
+    succeeded; only the missing and the failed pairs are sent again.
 
     Args:
         triples: The triples; each is sent once per personality.
         target: `Target.url` or `Target.in_process`.
         personalities: Names to ask for; None: every one the gateway serves.
         concurrency, timeout_s: As `service.replay.replay`.
-        progress: ``progress(done, total)`` per answer.
+        previous: Earlier answers of the same folder.
+        progress: ``progress(done, total)`` per answer sent.
         settings: `service.settings.Settings` for the in-process gateway (None: from
             the environment).
 
+    Returns:
+        One row per (triple, personality), triples in order, each triple's
+        personalities in the order given (or served).
+
     Raises:
         EvalRunError: the personalities cannot be listed, or the gateway serves none.
+        EvalInputError: a personality the gateway does not serve, or `previous` holds
+            answers for other pairs than the ones asked for.
     """
     import httpx
 
@@ -167,75 +186,92 @@ async def answer_with_service(
             await stack.enter_async_context(app.router.lifespan_context(app))
             transport = httpx.ASGITransport(app=app)
             base_url = IN_PROCESS_URL
-            served = list(app.state.service.personalities)
+            served_names = list(app.state.service.personalities)
         else:
             assert target.url is not None
             base_url = target.url.rstrip("/")
-            served = []
-            if personalities is None:
-                try:
-                    served = await asyncio.to_thread(fetch_personalities, base_url, timeout_s)
-                except (httpx.HTTPError, ValueError) as exc:
-                    raise EvalRunError(
-                        f"cannot list personalities from {base_url}/personalities: "
-                        f"{type(exc).__name__}: {exc} (is the service running? or pass "
-                        "--personality)"
-                    ) from exc
-        names = list(personalities) if personalities is not None else served
+            try:
+                served_names = await asyncio.to_thread(fetch_personalities, base_url, timeout_s)
+            except (httpx.HTTPError, ValueError) as exc:
+                raise EvalRunError(
+                    f"cannot list personalities from {base_url}/personalities: "
+                    f"{type(exc).__name__}: {exc} (is the service running?)"
+                ) from exc
+        names = list(dict.fromkeys(personalities)) if personalities else served_names
         if not names:
             raise EvalRunError(f"{target.describe()} serves no personalities")
-        return await replay(
-            pairs(triples, names),
-            base_url,
-            names,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            progress=progress,
-            transport=transport,
-        )
+        unknown = [name for name in names if name not in served_names]
+        if unknown:
+            raise EvalInputError(
+                f"--personality: {', '.join(unknown)} not served by {target.describe()} "
+                f"(it serves: {', '.join(served_names) or 'none'})"
+            )
+        wanted = [(triple, name) for triple in triples for name in names]
+        earlier = {row_id(row.triple.id, row.personality): row for row in previous}
+        asked = {row_id(triple.id, name) for triple, name in wanted}
+        if earlier and set(earlier) != asked:
+            raise EvalInputError(
+                f"--out: the folder holds answers for {len(earlier)} other (triple, "
+                f"personality) pairs than the {len(asked)} asked for now (another triples "
+                "file, --limit or --personality); use a new --out folder"
+            )
+        todo = [
+            (triple, name)
+            for triple, name in wanted
+            if (done := earlier.get(row_id(triple.id, name))) is None or not done.ok
+        ]
+        answered: dict[str, ReplayRow] = {}
+        sent = 0
+        for name in names:
+            batch = [triple for triple, person in todo if person == name]
+            if not batch:
+                continue
+            offset = sent
+
+            def tick(done: int, total: int, offset: int = offset) -> None:
+                if progress is not None:
+                    progress(offset + done, len(todo))
+
+            rows = await replay(
+                batch,
+                base_url,
+                [name],
+                concurrency=concurrency,
+                timeout_s=timeout_s,
+                progress=tick,
+                transport=transport,
+            )
+            sent += len(batch)
+            answered.update((row_id(row.triple.id, row.personality), row) for row in rows)
+        return [
+            answered.get(key) or earlier[key]
+            for key in (row_id(triple.id, name) for triple, name in wanted)
+        ]
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def read_responses(path: Path) -> list[ReplayRow]:
-    """The rows of a `fastresp replay --out` (or a run's ``responses.jsonl``) file.
+def read_responses(path: Path, option: str = "--responses") -> list[ReplayRow]:
+    """The rows of a `fastresp replay --out` file (or a run's ``responses.jsonl``).
 
     Raises:
-        EvalRunError: unreadable, or a line is not a replay row (``path:line``).
+        EvalInputError: unreadable, not replay rows (``path:line``), empty, or two rows
+            for the same (triple, personality); the message starts with `option`.
     """
-    from pydantic import ValidationError
+    from service.replay import ReplayFileError, read_replay_rows
 
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalRunError(f"cannot read responses file {path}: {exc}") from exc
-    rows: list[ReplayRow] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(ReplayRow.model_validate_json(line))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "row"
-            raise EvalRunError(
-                f"{path}:{number}: not a replay row: {where}: {first['msg']}"
-            ) from exc
+        rows = read_replay_rows(path)
+    except ReplayFileError as exc:
+        raise EvalInputError(f"{option}: {exc}") from exc
+    if not rows:
+        raise EvalInputError(f"{option}: {path} holds no rows")
+    seen: set[str] = set()
+    for row in rows:
+        key = row_id(row.triple.id, row.personality)
+        if key in seen:
+            raise EvalInputError(f"{option}: {path} answers the pair {key!r} twice")
+        seen.add(key)
     return rows
-
-
-def served(row: ReplayRow) -> ServedResponse:
-    """An answered replay row as `adapters.auto_metrics` reads it."""
-    assert row.fast_response is not None and row.source is not None
-    return ServedResponse(
-        user_turn=row.triple.user_turn,
-        main_response=row.triple.main_response,
-        fast_response=row.fast_response,
-        source=row.source,
-        id=row_id(row.triple.id, row.personality),
-        personality=row.personality,
-        session_id=row.session_id,
-        latency_ms=row.latency_ms,
-    )
 
 
 def scored_rows(
@@ -246,24 +282,19 @@ def scored_rows(
     None (a judge was set), its two verdicts; an answered row the judge has no verdict
     for gets a score-less verdict whose error is `JUDGE_ERROR`.
 
-    Raises:
-        EvalRunError: two responses have the same (triple id, personality).
+    Pairs are unique (`read_responses`, `answer_with_service` check it).
     """
     answered = [row for row in responses if row.ok and row.fast_response is not None]
     checks = dict(
         zip(
             (id(row) for row in answered),
-            check_rows([served(row) for row in answered]),
+            check_rows([served_from_replay(row) for row in answered]),
             strict=True,
         )
     )
     out: list[ScoredRow] = []
-    seen: set[str] = set()
     for row in responses:
         key = row_id(row.triple.id, row.personality)
-        if key in seen:
-            raise EvalRunError(f"two responses for the same pair {key!r}")
-        seen.add(key)
         is_answered = id(row) in checks
         judged: dict[JudgementKind, Verdict | None] = {"intent": None, "bridging": None}
         if verdicts is not None and is_answered:
@@ -288,21 +319,12 @@ def scored_rows(
     return out
 
 
-async def judge_responses(
-    responses: Sequence[ReplayRow],
-    out: Path,
-    config: JudgeConfig,
-    progress: Callable[[], None] | None = None,
-) -> JudgeRunSummary:
-    """Both judgements of every answered response into `out` (resumable).
+def judge_items_of(responses: Sequence[ReplayRow]) -> list[JudgeItem]:
+    """What the judge is asked about: every answered response (fallbacks included:
+    they are what the child heard), with the row id of its pair."""
+    from adapters.judge import JudgeItem
 
-    Raises:
-        adapters.judge.JudgeUnavailable: the judge refuses every request or is down.
-        adapters.judge.JudgePromptError: a judge prompt file is unusable.
-    """
-    from adapters.judge import JudgeItem, judge_items
-
-    items = [
+    return [
         JudgeItem(
             id=row_id(row.triple.id, row.personality),
             personality=row.personality,
@@ -314,7 +336,26 @@ async def judge_responses(
         for row in responses
         if row.ok and row.fast_response is not None
     ]
-    return await judge_items(items, JUDGEMENT_KINDS, out, config, progress=progress)
+
+
+def _check_same_target(out_dir: Path, target: Target) -> None:
+    """Refuse a folder whose answers came from another target (its ``run.json``).
+
+    Raises:
+        EvalInputError: ``run.json`` names another target.
+    """
+    run_file = out_dir / RUN_FILE
+    if not run_file.exists():
+        return  # a run stopped before its end: nothing recorded to compare with
+    try:
+        earlier = RunInfo.model_validate_json(run_file.read_bytes()).target
+    except (OSError, ValueError):
+        return
+    if earlier != target.describe():
+        raise EvalInputError(
+            f"--out: {out_dir} holds answers from {earlier}, not from {target.describe()}; "
+            "use a new --out folder"
+        )
 
 
 @dataclass
@@ -371,49 +412,72 @@ async def evaluate(
     from adapters.eval_report import write_report
     from adapters.judge import (
         judge_info,
+        judge_items,
         load_judge_prompts,
         read_judgements,
         used_structured_output,
     )
 
-    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
-    run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
+    given = read_responses(target.responses) if target.responses is not None else None
     if judge is not None:
         load_judge_prompts(judge)  # a bad prompt file fails before the service is asked
+    try:
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalInputError(f"--out: cannot create {out_dir}: {exc}") from exc
+    run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
     responses_path = out_dir / RESPONSES_FILE
     reused = False
-    if target.responses is not None:
-        responses = read_responses(target.responses)
+    if given is not None:
+        responses = given
         log(f"read {len(responses)} responses from {target.responses}")
-        if target.responses.resolve() != responses_path.resolve():
-            write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
-    elif responses_path.exists():
-        responses = read_responses(responses_path)
-        reused = True
-        log(
-            f"reusing {len(responses)} responses in {responses_path} "
-            "(delete it to ask the service again)"
-        )
-    else:
-        log(f"asking {target.describe()} for {len(triples)} triple(s) x each personality")
-        responses = await answer_with_service(
-            triples,
-            target,
-            personalities,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            progress=(lambda done, total: progress("answers", done, total)) if progress else None,
-            settings=settings,
-        )
         write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
-        log(f"wrote {len(responses)} responses to {responses_path}")
+    else:
+        previous: list[ReplayRow] = []
+        if responses_path.exists():
+            previous = read_responses(responses_path, "--out")
+            _check_same_target(out_dir, target)
+        names = list(dict.fromkeys(personalities or [])) or list(
+            dict.fromkeys(row.personality for row in previous)
+        )
+        asked = {row_id(triple.id, name) for triple in triples for name in names}
+        if (
+            previous
+            and all(row.ok for row in previous)
+            and asked == {row_id(row.triple.id, row.personality) for row in previous}
+        ):
+            responses = previous
+            reused = True
+            log(
+                f"reusing the {len(responses)} answers in {responses_path} "
+                "(delete it to ask the service again)"
+            )
+        else:
+            if previous:
+                log(f"{responses_path} holds {len(previous)} answers; asking for the rest")
+            log(f"asking {target.describe()} for {len(triples)} triple(s) x each personality")
+            responses = await answer_with_service(
+                triples,
+                target,
+                personalities,
+                concurrency=concurrency,
+                timeout_s=timeout_s,
+                previous=previous,
+                progress=(
+                    (lambda done, total: progress("answers", done, total)) if progress else None
+                ),
+                settings=settings,
+            )
+            write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
+            log(f"wrote {len(responses)} responses to {responses_path}")
 
     judge_summary: JudgeRunSummary | None = None
     structured: bool | None = None
     verdicts: dict[tuple[str, JudgementKind], Verdict] | None = None
     if judge is not None:
         judgements_path = out_dir / JUDGEMENTS_FILE
-        total = 2 * sum(1 for row in responses if row.ok)
+        items = judge_items_of(responses)
+        total = len(JUDGEMENT_KINDS) * len(items)
         done = 0
 
         def tick() -> None:
@@ -422,9 +486,16 @@ async def evaluate(
             if progress is not None:
                 progress("judge", done, total)
 
-        log(f"judging {total // 2} answers x {len(JUDGEMENT_KINDS)} judgements with {judge.model}")
-        judge_summary = await judge_responses(responses, judgements_path, judge, tick)
-        verdicts = dict(read_judgements(judgements_path))
+        log(f"judging {len(items)} answers x {len(JUDGEMENT_KINDS)} judgements with {judge.model}")
+        judge_summary = await judge_items(
+            items, JUDGEMENT_KINDS, judgements_path, judge, progress=tick
+        )
+        log(
+            f"judge: {judge_summary.judged} asked now ({judge_summary.scored} scored, "
+            f"{judge_summary.rejected} rejected, {judge_summary.judge_errors} failed), "
+            f"{judge_summary.skipped_done} judged before"
+        )
+        verdicts = dict(read_judgements(judgements_path, items))
         structured = used_structured_output(judgements_path)
 
     rows = scored_rows(responses, verdicts)

@@ -131,6 +131,40 @@ def read_jsonl_rows(path: Path, row_type: type[R]) -> Iterator[R]:
                 continue
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_jsonl_strict(path: Path, row_type: type[M], error: type[Exception], what: str) -> list[M]:
+    """Every row of a JSON Lines file that must be whole (an input, not a resumable
+    output): blank lines are skipped, anything else must be a valid `row_type`.
+
+    Args:
+        what: The file's kind, e.g. ``replay file``: ``cannot read replay file <path>``,
+            ``<path>:<line>: not a replay row``.
+
+    Raises:
+        error: the file is missing or unreadable (``cannot read <what> <path>: ...``) or a
+            line is not a `row_type` (``<path>:<line>: not a <kind> row: <field>: <msg>``,
+            the kind being `what` without a trailing " file").
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    rows: list[M] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(row_type.model_validate_json(line))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "row"
+            kind = what.removesuffix(" file")
+            raise error(f"{path}:{number}: not a {kind} row: {where}: {first['msg']}") from exc
+    return rows
+
+
 def read_rows(path: Path) -> Iterator[LabeledRow]:
     """The valid rows of a labelled JSON Lines file, in file order.
 

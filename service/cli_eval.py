@@ -71,6 +71,21 @@ JudgeStructured = Annotated[
 ]
 
 
+def _need_eval_extra() -> None:
+    """Exit 2 with the install command when the `eval` extra is missing (the judge's
+    openai client, scipy, matplotlib), instead of an ImportError traceback."""
+    import importlib.util
+
+    missing = [
+        name for name in ("openai", "scipy", "matplotlib") if not importlib.util.find_spec(name)
+    ]
+    if missing:
+        fail(
+            f"{', '.join(missing)} not installed: `fastresp eval` needs the eval extra "
+            "(pip install -e '.[eval]', or `make install-dev`)"
+        )
+
+
 def _judge_config(
     url: str | None,
     model: str | None,
@@ -89,40 +104,33 @@ def _judge_config(
         return None
     from pydantic import ValidationError
 
-    from adapters.judge import JudgeConfig
+    from adapters.judge import JudgeConfig, JudgeUnavailable, check_judge, served_model
 
     if structured not in ("auto", "on", "off"):
         fail(f"--judge-structured-output: {structured!r} is not one of auto, on, off")
-    if model is None:
-        model = _only_model(url)
+    if not url.startswith(("http://", "https://")):
+        fail(f"--judge-url: {url!r} is not an http:// or https:// URL")
     try:
-        return JudgeConfig(
+        if model is None:
+            model = served_model(url)
+        config = JudgeConfig(
             base_url=url,
             model=model,
             concurrency=concurrency,
             max_tokens=max_tokens,
             structured_output=structured,
         )
+        check_judge(config)  # about a second for a judge that is down, not minutes
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "judge"
         option = {"base_url": "--judge-url", "model": "--judge-model"}.get(field, field)
         fail(f"{option}: {first['msg']}")
-
-
-def _only_model(url: str) -> str:
-    """The single model a judge server lists at ``{url}/models``; exits 2 otherwise."""
-    import httpx
-
-    try:
-        response = httpx.get(url.rstrip("/") + "/models", timeout=10)
-        response.raise_for_status()
-        names = [str(item["id"]) for item in response.json()["data"]]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-        fail(f"--judge-model: not given and {url}/models did not list the models: {exc}")
-    if len(names) != 1:
-        fail(f"--judge-model: required; the judge serves {', '.join(names) or 'no model'}")
-    return names[0]
+    except ValueError as exc:  # served_model: zero, several or unlisted models
+        fail(f"--judge-model: {exc}")
+    except JudgeUnavailable as exc:
+        fail(f"--judge-url: {exc}", code=1)
+    return config
 
 
 @contextmanager
@@ -167,7 +175,7 @@ def run(
         typer.Option(
             "--in-process",
             help="Build the gateway in this process from the FASTRESP_* settings (the "
-            "embedded CPU model by default, or FASTRESP_ENGINE_URL) instead of calling one.",
+            "embedded CPU model by default, or FASTRESP_ENGINE_URLS) instead of calling one.",
         ),
     ] = False,
     responses: Annotated[
@@ -229,8 +237,9 @@ def run(
     judgement failed (the report is still written; re-run the same command to retry
     the missing judgements), the service or the judge is unreachable; 2 for bad input.
     """
+    _need_eval_extra()
     from adapters.eval_rows import RowsFileError
-    from adapters.eval_run import EvalRunError, Target, evaluate
+    from adapters.eval_run import EvalInputError, EvalRunError, Target, evaluate
     from adapters.judge import JudgementsFileError, JudgePromptError, JudgeUnavailable
 
     chosen = [
@@ -251,6 +260,9 @@ def run(
         fail(f"--responses: no such file: {responses}")
     if out.exists() and not out.is_dir():
         fail(f"--out: {out} is a file, not a folder")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        fail(f"--out: {blocker} is a file, so {out} cannot be a folder")
     judge = _judge_config(
         judge_url,
         judge_model,
@@ -289,6 +301,8 @@ def run(
                     progress=update,
                 )
             )
+    except EvalInputError as exc:
+        fail(str(exc))
     except (EvalRunError, RowsFileError) as exc:
         fail(str(exc), code=1)
     except JudgePromptError as exc:
@@ -349,10 +363,11 @@ def compare(
 ) -> None:
     """Show two evaluation runs side by side, B - A with a bootstrap 95% CI.
 
-    Runs over the same (triple, personality) pairs are compared paired (resampling the
-    pairs jointly), others as two independent samples. A CI that covers 0 is no
-    evidence of a difference. Exit 2 when a folder is not a run folder.
+    Runs sharing at least 90% of their (triple, personality) pairs are compared paired
+    on the shared pairs (resampling them jointly), others as two independent samples. A
+    CI that covers 0 is no evidence of a difference. Exit 2 when a folder is not a run folder.
     """
+    _need_eval_extra()
     from adapters.eval_compare import compare_runs, comparison_markdown
     from adapters.eval_rows import RowsFileError, RunInfo, read_scored_rows
 
@@ -386,7 +401,8 @@ def calibrate(
         Path | None,
         typer.Option(
             "--set",
-            help="Hand-scored examples (JSON Lines). Default: tests/data/judge_calibration.jsonl.",
+            help="Hand-scored examples (JSON Lines). Default: tests/data/judge_calibration.jsonl "
+            "of this checkout (57 examples).",
         ),
     ] = None,
     json_out: Annotated[
@@ -411,6 +427,7 @@ def calibrate(
     """
     import tempfile
 
+    _need_eval_extra()
     from adapters.judge import (
         DEFAULT_CALIBRATION_SET,
         CalibrationSetError,
@@ -498,9 +515,11 @@ def metrics(
 ) -> None:
     """Print the automatic metrics of each run as a Markdown table.
 
-    Metrics (defined in adapters/auto_metrics.py): fallback rate, share passing the guard
-    and filters, leak rate, praise-before-correction rate, distinct-1/2, mean length, the
-    most common opener and failures per filter. Exit 2 on an unreadable file.
+    Metrics (defined in adapters/auto_metrics.py): service latency P50/P95/P99, fallback
+    and cache rates, share passing the guard and filters, leak rate,
+    praise-before-correction rate, repetition within a session, safety flags,
+    distinct-1/2, mean length, the most common opener and failures per filter. Exit 2 on
+    an unreadable file or a line that is not a replay row.
     """
     from adapters.auto_metrics import ReplayFileError, compute_metrics, markdown_table, read_replay
 

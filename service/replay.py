@@ -413,6 +413,23 @@ def render(
     console.print(Group(*(Text(line) for line in summary_lines(summary))))
 
 
+class ReplayFileError(ValueError):
+    """A replay file is unreadable or a line is not a `ReplayRow`; the message names both."""
+
+
+def read_replay_rows(path: Path) -> list[ReplayRow]:
+    """Every row of a file `write_jsonl` wrote (``fastresp replay --out``, an evaluation
+    run's ``responses.jsonl``), in file order.
+
+    Raises:
+        ReplayFileError: the file is missing or unreadable, or a line is not a replay row
+            (``path:line: not a replay row: field: message``).
+    """
+    from adapters.labels import read_jsonl_strict
+
+    return read_jsonl_strict(path, ReplayRow, ReplayFileError, "replay file")
+
+
 def write_jsonl(rows: Iterable[ReplayRow], path: Path) -> None:
     """Write one JSON object per row to `path`, atomically (temp file + `os.replace`;
     `adapters.dataset.write_jsonl_atomic`).

@@ -187,34 +187,35 @@ def _turn(
 DISTINCT = ["Hmm.", "Okay!", "Let's see.", "Nice thinking.", "I hear you."]
 
 
-def test_repetition_looks_back_five_turns_of_the_same_session_and_personality() -> None:
+def test_repetition_is_the_same_answer_twice_within_five_turns() -> None:
+    # "the same response twice in the last 5 turns": the turn itself and the 4 before it
     rows = [
-        # session s1 / calm: "ooh RED" repeats "Ooh, red!" exactly 5 turns back -> True
+        # session s1 / calm: "ooh RED" repeats "Ooh, red!" 4 turns back: inside the 5 turns
         _turn("Ooh, red!", "s1"),  # 0: first of s1/calm -> None
-        *(_turn(t, "s1") for t in DISTINCT[:4]),  # 1-4: False
-        _turn("Ooh, red!", "s1", personality="cheerful"),  # 5: first of s1/cheerful -> None
-        _turn("Ooh, red!", "s3"),  # 6: first of s3/calm (other session) -> None
-        _turn("ooh   RED", "s1"),  # 7: previous 5 of s1/calm are rows 0-4 -> True
-        # session s2 / calm: the same text 6 turns back does not count
-        _turn("Ooh, red!", "s2"),  # 8: None
-        *(_turn(t, "s2") for t in DISTINCT),  # 9-13: False
-        _turn("Ooh red.", "s2"),  # 14: previous 5 are rows 9-13 -> False
+        *(_turn(t, "s1") for t in DISTINCT[:3]),  # 1-3: False
+        _turn("Ooh, red!", "s1", personality="cheerful"),  # 4: first of s1/cheerful -> None
+        _turn("Ooh, red!", "s3"),  # 5: first of s3/calm (other session) -> None
+        _turn("ooh   RED", "s1"),  # 6: s1/calm turns 0-3 and this one: 5 turns -> True
+        # session s2 / calm: the same text 5 turns back (6 turns with this one) does not
+        _turn("Ooh, red!", "s2"),  # 7: None
+        *(_turn(t, "s2") for t in DISTINCT[:4]),  # 8-11: False
+        _turn("Ooh red.", "s2"),  # 12: the 4 before it are rows 8-11 -> False
         # session s4: a fallback and a cache answer are turns the child heard
-        _turn("Mm, let me think.", "s4", source="fallback"),  # 15: None
-        _turn("mm let me think", "s4", source="cache"),  # 16: repeats the fallback -> True
-        _turn("Mm... let me THINK!", "s4"),  # 17: True
-        _turn("Ooh, red!", None),  # 18: no session -> its own key -> None
+        _turn("Mm, let me think.", "s4", source="fallback"),  # 13: None
+        _turn("mm let me think", "s4", source="cache"),  # 14: repeats the fallback -> True
+        _turn("Mm... let me THINK!", "s4"),  # 15: True
+        _turn("Ooh, red!", None),  # 16: no session -> its own key -> None
     ]
     got = [check.repeats_in_session for check in check_rows(rows)]
     assert got == [
-        None, False, False, False, False, None, None, True,
-        None, False, False, False, False, False, False,
+        None, False, False, False, None, None, True,
+        None, False, False, False, False, False,
         None, True, True,
         None,
     ]  # fmt: skip
     m = compute_metrics(rows)
-    # checked rows: 19 - 6 None (rows 0, 5, 6, 8, 15, 18) = 13; repeats: rows 7, 16, 17 = 3
-    assert (m.repetition_rate, m.repetition_denominator) == (pytest.approx(3 / 13), 13)
+    # checked rows: 17 - 6 None (rows 0, 4, 5, 7, 13, 16) = 11; repeats: rows 6, 14, 15 = 3
+    assert (m.repetition_rate, m.repetition_denominator) == (pytest.approx(3 / 11), 11)
 
 
 def test_latency_percentiles_cache_and_safety_by_hand() -> None:

@@ -40,7 +40,10 @@ def chat_server(
     """The tiny model as engine and judge. Guided decoding without free whitespace, so
     its random text still fills the judge's JSON schema with a 1-5 score first (with
     whitespace allowed it spends ``max_tokens`` on blanks before the first key)."""
-    compact_json = ("--structured-outputs-config", '{"disable_any_whitespace": true}')
+    compact_json = (
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+    )
     root = tmp_path_factory.mktemp("judge")
     with tiny_chat_server(tiny_model_dir, root, extra_vllm_args=compact_json) as server:
         yield server
@@ -120,7 +123,7 @@ def test_run_scores_every_answer_writes_the_report_and_resumes(
 ) -> None:
     out = tmp_path / "run"
     first = eval_run(out, gateway, chat_server, shared_data)
-    assert first.returncode in (0, 1), first.stderr
+    assert first.returncode == 0, first.stderr  # every pair answered and judged
     rows = read_scored_rows(out / "rows.jsonl")
     assert len(rows) == TRIPLES * 2
     assert {row.personality for row in rows} == {"cheerful", "calm"}
@@ -136,13 +139,11 @@ def test_run_scores_every_answer_writes_the_report_and_resumes(
             # scored 1-5, or rejected with a reason: never silently empty
             assert (verdict.score is not None and 1 <= verdict.score <= 5) or verdict.error
     stored = {(j["item_id"], j["kind"]) for j in judgements}
+    assert stored == {(row.id, kind) for row in answered for kind in ("intent", "bridging")}
     # the schema was sent and taken, so scores come through, even from random weights
     scored = [v for row in answered for v in (row.intent, row.bridging) if v and v.score]
     assert scored, [(row.intent, row.bridging) for row in answered]
     assert all(j["judge"]["structured_output"] for j in judgements)
-    if first.returncode == 0:
-        # every verdict came from a stored judgement of the real server
-        assert stored == {(row.id, kind) for row in answered for kind in ("intent", "bridging")}
     info = RunInfo.model_validate_json((out / "run.json").read_text(encoding="utf-8"))
     assert info.judge is not None and info.judge.model == chat_server.model
     assert info.judge.structured_output is True
@@ -167,12 +168,13 @@ def test_run_scores_every_answer_writes_the_report_and_resumes(
 
     # A re-run resumes: the answers are reused and no judgement is asked twice.
     second = eval_run(out, gateway, chat_server, shared_data)
-    assert second.returncode in (0, 1), second.stderr
-    assert "reusing" in second.stderr
+    assert second.returncode == 0, second.stderr
+    assert "reusing the 10 answers" in second.stderr
+    assert "judge: 0 asked now" in second.stderr  # nothing asked twice
     lines_after = (out / "judgements.jsonl").read_text(encoding="utf-8").splitlines()
     ids = [json.loads(line)["id"] for line in lines_after]
     assert len(ids) == len(set(ids))
-    assert len(lines_after) >= len(judgements)
+    assert len(lines_after) == len(judgements)
     assert [r.id for r in read_scored_rows(out / "rows.jsonl")] == [r.id for r in rows]
     resumed = RunInfo.model_validate_json((out / "run.json").read_text(encoding="utf-8"))
     assert resumed.judge is not None and resumed.judge.structured_output is True
