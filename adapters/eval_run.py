@@ -338,6 +338,19 @@ def judge_items_of(responses: Sequence[ReplayRow]) -> list[JudgeItem]:
     ]
 
 
+async def _make_folder(out_dir: Path) -> None:
+    """Create the run folder once there is something to write (a run refused earlier
+    leaves no empty folder behind).
+
+    Raises:
+        EvalInputError: it cannot be created.
+    """
+    try:
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalInputError(f"--out: cannot create {out_dir}: {exc}") from exc
+
+
 def _check_same_target(out_dir: Path, target: Target) -> None:
     """Refuse a folder whose answers came from another target (its ``run.json``).
 
@@ -421,16 +434,13 @@ async def evaluate(
     given = read_responses(target.responses) if target.responses is not None else None
     if judge is not None:
         load_judge_prompts(judge)  # a bad prompt file fails before the service is asked
-    try:
-        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EvalInputError(f"--out: cannot create {out_dir}: {exc}") from exc
     run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
     responses_path = out_dir / RESPONSES_FILE
     reused = False
     if given is not None:
         responses = given
         log(f"read {len(responses)} responses from {target.responses}")
+        await _make_folder(out_dir)
         write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
     else:
         previous: list[ReplayRow] = []
@@ -468,6 +478,7 @@ async def evaluate(
                 ),
                 settings=settings,
             )
+            await _make_folder(out_dir)
             write_jsonl_atomic((row.model_dump_json() for row in responses), responses_path)
             log(f"wrote {len(responses)} responses to {responses_path}")
 

@@ -372,9 +372,8 @@ def replay(
 
     import httpx
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from service.cli_common import load_source_triples
+    from service.cli_common import load_source_triples, progress_bar
     from service.replay import fetch_personalities, render, summarize, write_jsonl
     from service.replay import replay as run_replay
 
@@ -408,15 +407,7 @@ def replay(
             typer.secho(f"error: {base_url} serves no personalities", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1)
 
-    with Progress(
-        "replay",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("replay", total=len(triples))
+    with progress_bar("replay") as update:
         rows = asyncio.run(
             run_replay(
                 triples,
@@ -424,7 +415,7 @@ def replay(
                 personalities,
                 concurrency=concurrency,
                 timeout_s=timeout,
-                progress=lambda done, total: bar.update(task, completed=done),
+                progress=lambda done, total: update("replay", done, total),
             )
         )
     summary = summarize(rows)

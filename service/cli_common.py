@@ -9,6 +9,8 @@ it without importing each other.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -84,3 +86,28 @@ def load_source_triples(
     except (SourceFormatError, UnicodeDecodeError) as exc:
         fail(f"--path: not a usable {source} file: {exc}")
     return triples, path, skipped
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient progress bar on stderr (nothing on a pipe); yields
+    ``update(step, done, total)``, one bar per step, shown as ``label: step``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(f"{label}: {step}" if step != label else label)
+            bar.update(tasks[step], completed=done, total=total)
+
+        yield update

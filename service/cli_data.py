@@ -162,7 +162,6 @@ def label(
 
     from pydantic import ValidationError
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
     from rich.table import Table
 
     from adapters.labels import LABELERS, LabelSummary
@@ -175,6 +174,7 @@ def label(
         label_with_teacher,
         load_prompt,
     )
+    from service.cli_common import progress_bar
     from service.personalities import ManifestError, load_personalities
     from service.settings import default_personalities_file
     from service.text_checks import FilterLimits
@@ -287,18 +287,14 @@ def label(
         _label_fail(f"--triples: no usable triples in {triples}")
 
     failure: str | None = None
-    with Progress(
-        f"label ({labeler})",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("label", total=len(rows_in) * len(names))
+    with progress_bar(f"label ({labeler})") as update:
+        total = len(rows_in) * len(names)
+        done = 0
 
         def tick() -> None:
-            bar.advance(task)
+            nonlocal done
+            done += 1
+            update(f"label ({labeler})", done, total)
 
         summary: LabelSummary
         if teacher_config is not None:

@@ -21,14 +21,12 @@ import asyncio
 import json
 import shlex
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from service.cli_common import fail, load_source_triples, progress
+from service.cli_common import fail, load_source_triples, progress, progress_bar
 
 if TYPE_CHECKING:
     from adapters.judge import JudgeConfig
@@ -131,30 +129,6 @@ def _judge_config(
     except JudgeUnavailable as exc:
         fail(f"--judge-url: {exc}", code=1)
     return config
-
-
-@contextmanager
-def _bar(description: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A transient progress bar on stderr; yields ``update(step, done, total)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(step: str, done: int, total: int) -> None:
-            if step not in tasks:
-                tasks[step] = bar.add_task(f"{description}: {step}", total=total)
-            bar.update(tasks[step], completed=done, total=total)
-
-        yield update
 
 
 @app.command()
@@ -283,7 +257,7 @@ def run(
         progress(described)
     target = Target(url=url, in_process=in_process, responses=responses)
     try:
-        with _bar("eval") as update:
+        with progress_bar("eval") as update:
             result = asyncio.run(
                 evaluate(
                     triples,
@@ -456,7 +430,7 @@ def calibrate(
     with tempfile.TemporaryDirectory(prefix="fastresp-calibrate-") as scratch:
         work_dir = work or Path(scratch)
         try:
-            with _bar("calibrate") as update:
+            with progress_bar("calibrate") as update:
                 total = 2 * len(examples)
                 done = 0
 

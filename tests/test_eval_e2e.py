@@ -15,17 +15,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from adapters.eval_rows import RunInfo, read_scored_rows
 from adapters.judge import read_calibration_set
 from tests.conftest import REPO_ROOT, free_port
-from tests.vllm_servers import ChatServer, tiny_chat_server
+from tests.vllm_servers import ChatServer, tiny_chat_server, wait_ready
 
 FASTRESP = str(Path(sys.executable).parent / "fastresp")
 TRIPLES = 5
@@ -72,18 +70,7 @@ def gateway(chat_server: ChatServer, tmp_path_factory: pytest.TempPathFactory) -
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"gateway exited:\n{log.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"gateway not ready:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
+        wait_ready(f"{url}/readyz", process, log, 180, "fastresp serve")
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -178,6 +165,15 @@ def test_run_scores_every_answer_writes_the_report_and_resumes(
     assert [r.id for r in read_scored_rows(out / "rows.jsonl")] == [r.id for r in rows]
     resumed = RunInfo.model_validate_json((out / "run.json").read_text(encoding="utf-8"))
     assert resumed.judge is not None and resumed.judge.structured_output is True
+
+    # A personality the service does not serve is refused before anything is asked.
+    typo = fastresp(
+        "eval", "run", "--url", gateway, "--personality", "grumpy", "--limit", "1",
+        "--path", str(shared_data / "bridge" / "validation.json"), "--out", str(tmp_path / "t"),
+    )  # fmt: skip
+    assert typo.returncode == 2, typo.stderr
+    assert "--personality: grumpy not served" in typo.stderr and "calm" in typo.stderr
+    assert not (tmp_path / "t").exists()  # nothing written
 
     # The same answers scored without a judge: automatic metrics only, and the report
     # says no judge was set; the two runs compare paired (same pairs).

@@ -38,6 +38,7 @@ import yaml
 
 from service.metrics import LATENCY_BUCKETS
 from tests.conftest import REPO_ROOT, free_port
+from tests.vllm_servers import wait_ready
 
 pytestmark = pytest.mark.engine
 
@@ -125,25 +126,10 @@ def gateway(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + GATEWAY_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"fastresp serve exited with {process.returncode}:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"fastresp serve not ready in {GATEWAY_START_TIMEOUT_S:g} s")
-            time.sleep(0.5)
+        wait_ready(f"{url}/readyz", process, log, GATEWAY_START_TIMEOUT_S, "fastresp serve")
         yield Gateway(url, log)
     finally:
         _stop(process)
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
 class Prometheus:
@@ -229,18 +215,7 @@ def prometheus(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> It
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     server = Prometheus(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"prometheus exited with {process.returncode}:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not ready in 60 s:\n{_tail(log)}")
-            time.sleep(0.2)
+        wait_ready(f"{server.url}/-/ready", process, log, 60, "prometheus")
         yield server
     finally:
         _stop(process)

@@ -87,6 +87,30 @@ def wait_healthy(servers: list[Server], timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float, what: str
+) -> None:
+    """Poll `url` until it answers 200; fail the test with the log's tail when the
+    process exits first or `timeout_s` passes (`what` names the server)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with {process.returncode}:\n{log_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not ready in {timeout_s:g} s:\n{log_tail(log)}")
+        time.sleep(0.3)
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    """The end of a server log, for failure messages."""
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
 CHAT_MAX_MODEL_LEN = 8192
 """Context of `tiny_chat_server`: the teacher and judge prompts are 3,000-4,000 tokens
 for the tiny model's almost character-level tokenizer, more than the 2,048 positions its
