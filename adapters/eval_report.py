@@ -200,7 +200,8 @@ def judge_trust(info: RunInfo) -> tuple[TrustLevel, str]:
     Levels:
         ``none``: no judge was set; the judged figures are not measured.
         ``unverified``: a judge, but no calibration of that judge model (none given, one
-            of another model, or one without the intent judgement).
+            of another model or of other prompt files, or one without the intent
+            judgement).
         ``weak``: the calibration's intent agreement is below `TRUST_MIN_WITHIN_ONE`
             within-1 or `TRUST_MIN_SPEARMAN` Spearman, either is None, or the judge
             scored fewer than `TRUST_MIN_SCORED_SHARE` of the examples.
@@ -229,6 +230,11 @@ def judge_trust(info: RunInfo) -> tuple[TrustLevel, str]:
             f"The calibration given is of another model ({calibration.judge_model}), not "
             f"of the judge model {judge.model}, so this judge's scores are unverified "
             f"({how} it to check them)."
+        )
+    if calibration.prompt_sha256 and calibration.prompt_sha256 != judge.prompt_sha256:
+        return "unverified", (
+            f"The calibration given checked the judge model {judge.model} with other judge "
+            f"prompts than this run's, so this run's scores are unverified ({how} again)."
         )
     by_kind = {agreement.kind: agreement for agreement in calibration.agreements}
     intent = by_kind.get("intent")

@@ -172,6 +172,9 @@ class Calibration(BaseModel):
     created: str
     """ISO 8601 UTC time of the calibration run."""
     agreements: list[Agreement]
+    prompt_sha256: dict[str, str] = Field(default_factory=dict)
+    """Judgement kind -> SHA-256 of the judge prompt file calibrated (empty in files
+    written before it was recorded): a calibration vouches for these prompts only."""
 
 
 class JudgeInfo(BaseModel):

@@ -242,6 +242,22 @@ def test_judge_trust_levels_at_their_edges() -> None:
         assert "too weak to trust" in note and "noise" in note
     _, note = judge_trust(_info(calibration=_calibration(0.7, 0.3)))
     assert "exact 50.0%" in note and "within-1 70.0%" in note and "Spearman 0.30" in note
+    # scored 26 of 30 calibration examples (87%, under 90%): agreement over too few
+    few = _calibration(0.95, 0.9).model_copy(
+        update={
+            "agreements": [_calibration(0.95, 0.9).agreements[0].model_copy(update={"scored": 26})]
+        }
+    )
+    assert judge_trust(_info(calibration=few))[0] == "weak"
+    # a calibration of other prompt files vouches for none of this run's
+    info = _info(calibration=_calibration(0.9, 0.9))
+    assert info.judge is not None
+    other = {kind: "f" * 64 for kind in info.judge.prompt_sha256} or {"intent": "f" * 64}
+    moved = _info(calibration=_calibration(0.9, 0.9).model_copy(update={"prompt_sha256": other}))
+    level, note = judge_trust(moved)
+    assert level == "unverified" and "other judge prompts" in note
+    same = _calibration(0.9, 0.9).model_copy(update={"prompt_sha256": info.judge.prompt_sha256})
+    assert judge_trust(_info(calibration=same))[0] == "calibrated"
 
 
 def test_worst_ranking_by_scores_then_bridging_then_failed_filters() -> None:
