@@ -57,7 +57,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,13 +80,13 @@ from adapters.llm_calls import (
     NOT_KNOWN,
     ChatClient,
     ChatEndpointConfig,
+    ChatReply,
     PromptFile,
     find_json,
-    is_api_error,
-    is_fatal,
     public_url,
     read_prompt_file,
     resolve_api_key,
+    run_chat_jobs,
 )
 from adapters.llm_calls import (  # re-exported: part of this module's API
     NO_API_KEY as NO_API_KEY,
@@ -755,6 +755,10 @@ def _check_same_judge(
 # --- the run ------------------------------------------------------------------------
 
 
+_Job = tuple[JudgeItem, JudgementKind, str]
+"""One request of `judge_items`: the item, the judgement and `judge_input_sha256`."""
+
+
 async def judge_items(
     items: Iterable[JudgeItem],
     kinds: Sequence[JudgementKind],
@@ -798,15 +802,11 @@ async def judge_items(
     tick = progress if progress is not None else (lambda: None)
     _check_same_judge(out, config, prompts)
     client = ChatClient(config.endpoint(), logger=log)
-    queue: asyncio.Queue[tuple[JudgeItem, JudgementKind, str] | None] = asyncio.Queue(
-        maxsize=2 * config.concurrency
-    )
-    write_lock = asyncio.Lock()
 
     with RowWriter(out, JudgementRecord) as writer:
         already_done = set(writer.done)
 
-        async def produce() -> None:
+        def jobs() -> Iterator[_Job]:
             scheduled: set[str] = set()
             for item in items:
                 for kind in wanted:
@@ -819,90 +819,83 @@ async def judge_items(
                     if rid in scheduled:
                         continue
                     scheduled.add(rid)
-                    await queue.put((item, kind, input_sha256))
-            for _ in range(config.concurrency):
-                await queue.put(None)
+                    yield item, kind, input_sha256
 
-        failures_in_a_row = 0
+        def request(job: _Job) -> Awaitable[ChatReply]:
+            item, kind, _ = job
+            return client.complete(prompts[kind].messages(item), judgement_schema(kind))
 
-        async def work() -> None:
-            nonlocal failures_in_a_row
-            while (job := await queue.get()) is not None:
-                item, kind, input_sha256 = job
-                rid = f"{item.id}|{kind}|{input_sha256[:16]}"
-                prompt = prompts[kind]
-                try:
-                    reply = await client.complete(prompt.messages(item), judgement_schema(kind))
-                except Exception as exc:
-                    if is_fatal(exc):
-                        raise JudgeUnavailable(
-                            f"judge {client.base_url} refused model {config.model!r}: "
-                            f"{type(exc).__name__}: {exc}; the judgements written so far "
-                            "stay"
-                        ) from exc
-                    if not is_api_error(exc):
-                        raise
-                    summary.judge_errors += 1
-                    log.warning(
-                        "judge_error for %s (not written; a re-run retries it): %s: %s",
-                        rid,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    tick()
-                    failures_in_a_row += 1
-                    if failures_in_a_row >= config.max_consecutive_errors:
-                        raise JudgeUnavailable(
-                            f"{failures_in_a_row} requests in a row failed at the judge "
-                            f"{client.base_url} after their retries (last: "
-                            f"{type(exc).__name__}: {exc}); is it up? The judgements "
-                            "written so far stay; re-run the same command to resume"
-                        ) from exc
-                    continue
-                failures_in_a_row = 0
-                parsed = parse_judgement(kind, reply.content)
-                record = JudgementRecord(
-                    id=rid,
-                    item_id=item.id,
-                    kind=kind,
-                    input_sha256=input_sha256,
-                    verdict=verdict_of(kind, parsed),
-                    judge=JudgeCall(
-                        model=config.model,
-                        base_url=client.base_url,
-                        prompt_version=prompt.version,
-                        prompt_sha256=prompt.sha256,
-                        structured_output=reply.structured_output,
-                        finish_reason=reply.finish_reason,
-                        prompt_tokens=reply.prompt_tokens,
-                        completion_tokens=reply.completion_tokens,
-                    ),
-                    reply=None
-                    if parsed.error is None
-                    else (reply.content or "")[:REPLY_EXCERPT_CHARS],
-                )
-                async with write_lock:
-                    await asyncio.to_thread(writer.write, record)
-                summary.judged += 1
-                if parsed.error is None:
-                    summary.scored += 1
-                else:
-                    summary.rejected += 1
-                summary.prompt_tokens += reply.prompt_tokens
-                summary.completion_tokens += reply.completion_tokens
-                tick()
+        def on_error(job: _Job, exc: Exception) -> None:
+            item, kind, input_sha256 = job
+            summary.judge_errors += 1
+            log.warning(
+                "judge_error for %s (not written; a re-run retries it): %s: %s",
+                f"{item.id}|{kind}|{input_sha256[:16]}",
+                type(exc).__name__,
+                exc,
+            )
+            tick()
+
+        async def on_reply(job: _Job, reply: ChatReply) -> None:
+            item, kind, input_sha256 = job
+            prompt = prompts[kind]
+            parsed = parse_judgement(kind, reply.content)
+            record = JudgementRecord(
+                id=f"{item.id}|{kind}|{input_sha256[:16]}",
+                item_id=item.id,
+                kind=kind,
+                input_sha256=input_sha256,
+                verdict=verdict_of(kind, parsed),
+                judge=JudgeCall(
+                    model=config.model,
+                    base_url=client.base_url,
+                    prompt_version=prompt.version,
+                    prompt_sha256=prompt.sha256,
+                    structured_output=reply.structured_output,
+                    finish_reason=reply.finish_reason,
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                ),
+                reply=None if parsed.error is None else (reply.content or "")[:REPLY_EXCERPT_CHARS],
+            )
+            await asyncio.to_thread(writer.write, record)
+            summary.judged += 1
+            if parsed.error is None:
+                summary.scored += 1
+            else:
+                summary.rejected += 1
+            summary.prompt_tokens += reply.prompt_tokens
+            summary.completion_tokens += reply.completion_tokens
+            tick()
+
+        def refused(exc: Exception) -> JudgeUnavailable:
+            return JudgeUnavailable(
+                f"judge {client.base_url} refused model {config.model!r}: "
+                f"{type(exc).__name__}: {exc}; the judgements written so far stay"
+            )
+
+        def down(failures: int, exc: Exception) -> JudgeUnavailable:
+            return JudgeUnavailable(
+                f"{failures} requests in a row failed at the judge {client.base_url} "
+                f"after their retries (last: {type(exc).__name__}: {exc}); is it up? "
+                "The judgements written so far stay; re-run the same command to resume"
+            )
 
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(produce())
-                for _ in range(config.concurrency):
-                    group.create_task(work())
-        except* JudgeUnavailable as errors:
-            first = errors.exceptions[0]
-            raise first from first.__cause__
+            await run_chat_jobs(
+                jobs(),
+                client=client,
+                concurrency=config.concurrency,
+                max_consecutive_errors=config.max_consecutive_errors,
+                request=request,
+                on_reply=on_reply,
+                on_error=on_error,
+                unavailable=JudgeUnavailable,
+                refused=refused,
+                down=down,
+            )
         finally:
             summary.structured_output = client.structured
-            await client.close()
     return summary
 
 
@@ -1094,4 +1087,5 @@ async def calibrate(
         set_sha256=set_sha256,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         agreements=agreements,
+        prompt_sha256={kind: prompt.sha256 for kind, prompt in load_judge_prompts(config).items()},
     )

@@ -23,6 +23,10 @@ transient failures with tenacity; the rules for that live here once:
   tried, and dropped for the rest of the run when the server answers 400 to it but not
   to the same request without it), and `MalformedResponse` for a 200 body that is not a
   chat completion. `public_url` strips user:password before a URL is logged or written.
+- **The worker pool** (`run_chat_jobs`): one request per job from N workers, a
+  bounded queue fed lazily, a run stopped by the caller's "unavailable" error on a
+  401/403/404 or after too many failures in a row, other endpoint failures counted by
+  the caller and not written, and the replies handed to the caller one at a time.
 - **Finding JSON in a reply** (`FENCE`, `json_values`, `find_json`): code fences and
   prose around the JSON that models add despite being told not to.
 
@@ -32,13 +36,14 @@ cheap.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -531,3 +536,92 @@ class ChatClient:
             structured_output=schema is not None,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
+
+
+# --- the worker pool ------------------------------------------------------------------
+
+J = TypeVar("J")
+E = TypeVar("E", bound=Exception)
+
+
+async def run_chat_jobs(
+    jobs: Iterable[J],
+    *,
+    client: ChatClient,
+    concurrency: int,
+    max_consecutive_errors: int,
+    request: Callable[[J], Awaitable[ChatReply]],
+    on_reply: Callable[[J, ChatReply], Awaitable[None]],
+    on_error: Callable[[J, Exception], None],
+    unavailable: type[E],
+    refused: Callable[[Exception], E],
+    down: Callable[[int, Exception], E],
+) -> None:
+    """Send one request per job from `concurrency` workers; close `client` at the end.
+
+    `jobs` is read lazily by one producer (at most ``2 * concurrency`` jobs are held
+    ahead), so a generator that skips done or repeated jobs runs as the pool drains.
+    The teacher's labelling and the judge's evaluation both run on this.
+
+    Args:
+        jobs: The work, in order; each is passed to `request` once.
+        client: The client `request` uses; closed when the run ends, however it ends.
+        concurrency: Workers, hence requests in flight at once.
+        max_consecutive_errors: Failed jobs in a row (after their retries) that stop
+            the run with `down`.
+        request: The chat call for a job (e.g. ``client.complete(messages, schema)``).
+        on_reply: Handles a successful reply (builds and writes its row). Awaited
+            under one lock: calls never overlap, so it may append to one file.
+        on_error: Counts and logs a job whose request failed at the endpoint (an
+            `is_api_error` exception that is not `is_fatal`); the job is not written.
+        unavailable: The type `refused` and `down` return.
+        refused: The error for a 401, 403 or 404 (the key or model is wrong).
+        down: The error for `max_consecutive_errors` failures in a row, given their
+            count and the last one.
+
+    Raises:
+        E: From `refused` or `down`, chained to the API error (the first one when
+            several workers stop at once); what `on_reply` wrote before stays.
+        Exception: any other exception of `request` or `on_reply` (a bug), in an
+            ExceptionGroup.
+    """
+    queue: asyncio.Queue[tuple[J] | None] = asyncio.Queue(maxsize=2 * concurrency)
+    reply_lock = asyncio.Lock()
+    failures_in_a_row = 0
+
+    async def produce() -> None:
+        for job in jobs:
+            await queue.put((job,))
+        for _ in range(concurrency):
+            await queue.put(None)
+
+    async def work() -> None:
+        nonlocal failures_in_a_row
+        while (entry := await queue.get()) is not None:
+            (job,) = entry
+            try:
+                reply = await request(job)
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise refused(exc) from exc
+                if not is_api_error(exc):
+                    raise
+                on_error(job, exc)
+                failures_in_a_row += 1
+                if failures_in_a_row >= max_consecutive_errors:
+                    raise down(failures_in_a_row, exc) from exc
+                continue
+            failures_in_a_row = 0
+            async with reply_lock:
+                await on_reply(job, reply)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(produce())
+            for _ in range(concurrency):
+                group.create_task(work())
+    except* unavailable as errors:
+        first = errors.exceptions[0]
+        raise first from first.__cause__
+    finally:
+        await client.close()

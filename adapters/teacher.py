@@ -44,7 +44,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,9 +61,8 @@ from adapters.llm_calls import (
     ChatReply,
     PromptFile,
     find_json,
-    is_api_error,
-    is_fatal,
     read_prompt_file,
+    run_chat_jobs,
 )
 from adapters.llm_calls import (  # re-exported: part of this module's API
     NO_API_KEY as NO_API_KEY,
@@ -460,15 +459,11 @@ async def label_with_teacher(
     summary = LabelSummary()
     tick = progress if progress is not None else (lambda: None)
     client = TeacherClient(config)
-    queue: asyncio.Queue[tuple[Triple, Personality] | None] = asyncio.Queue(
-        maxsize=2 * config.concurrency
-    )
-    write_lock = asyncio.Lock()
 
     with LabelWriter(out) as writer:
         already_done = set(writer.done)
 
-        async def produce() -> None:
+        def jobs() -> Iterator[tuple[Triple, Personality]]:
             scheduled: set[str] = set()
             for triple in triples:
                 for personality in people:
@@ -481,77 +476,64 @@ async def label_with_teacher(
                     if row_id in scheduled:
                         continue
                     scheduled.add(row_id)
-                    await queue.put((triple, personality))
-            for _ in range(config.concurrency):
-                await queue.put(None)
+                    yield triple, personality
 
-        failures_in_a_row = 0
+        def request(job: tuple[Triple, Personality]) -> Awaitable[ChatReply]:
+            triple, personality = job
+            return client.complete(prompt.messages(triple, personality, config.k))
 
-        async def work() -> None:
-            nonlocal failures_in_a_row
-            while (job := await queue.get()) is not None:
-                triple, personality = job
-                messages = prompt.messages(triple, personality, config.k)
-                try:
-                    reply = await client.complete(messages)
-                except Exception as exc:
-                    if is_fatal(exc):
-                        raise TeacherUnavailable(
-                            f"teacher {client.base_url} refused model {config.model!r}: "
-                            f"{type(exc).__name__}: {exc}"
-                        ) from exc
-                    if not _is_teacher_error(exc):
-                        raise
-                    summary.rejections["teacher_error"] = (
-                        summary.rejections.get("teacher_error", 0) + 1
-                    )
-                    log.warning(
-                        "teacher_error for %s|%s (not written; a re-run retries it): %s: %s",
-                        triple.id,
-                        personality.name,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    tick()
-                    failures_in_a_row += 1
-                    if failures_in_a_row >= config.max_consecutive_errors:
-                        raise TeacherUnavailable(
-                            f"{failures_in_a_row} pairs in a row failed at the teacher "
-                            f"{client.base_url} after their retries (last: "
-                            f"{type(exc).__name__}: {exc}); is it up? The rows written so "
-                            "far stay; re-run the same command to resume"
-                        ) from exc
-                    continue
-                failures_in_a_row = 0
-                row = build_row(
-                    triple,
-                    personality.name,
-                    reply,
-                    prompt=prompt,
-                    config=config,
-                    base_url=client.base_url,
-                    limits=filter_limits,
-                )
-                async with write_lock:
-                    await asyncio.to_thread(writer.write, row)
-                summary.count(row)
-                summary.prompt_tokens += reply.prompt_tokens
-                summary.completion_tokens += reply.completion_tokens
-                tick()
+        def on_error(job: tuple[Triple, Personality], exc: Exception) -> None:
+            triple, personality = job
+            summary.rejections["teacher_error"] = summary.rejections.get("teacher_error", 0) + 1
+            log.warning(
+                "teacher_error for %s|%s (not written; a re-run retries it): %s: %s",
+                triple.id,
+                personality.name,
+                type(exc).__name__,
+                exc,
+            )
+            tick()
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(produce())
-                for _ in range(config.concurrency):
-                    group.create_task(work())
-        except* TeacherUnavailable as errors:
-            first = errors.exceptions[0]
-            raise first from first.__cause__
-        finally:
-            await client.close()
+        async def on_reply(job: tuple[Triple, Personality], reply: ChatReply) -> None:
+            triple, personality = job
+            row = build_row(
+                triple,
+                personality.name,
+                reply,
+                prompt=prompt,
+                config=config,
+                base_url=client.base_url,
+                limits=filter_limits,
+            )
+            await asyncio.to_thread(writer.write, row)
+            summary.count(row)
+            summary.prompt_tokens += reply.prompt_tokens
+            summary.completion_tokens += reply.completion_tokens
+            tick()
+
+        def refused(exc: Exception) -> TeacherUnavailable:
+            return TeacherUnavailable(
+                f"teacher {client.base_url} refused model {config.model!r}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+
+        def down(failures: int, exc: Exception) -> TeacherUnavailable:
+            return TeacherUnavailable(
+                f"{failures} pairs in a row failed at the teacher {client.base_url} after "
+                f"their retries (last: {type(exc).__name__}: {exc}); is it up? The rows "
+                "written so far stay; re-run the same command to resume"
+            )
+
+        await run_chat_jobs(
+            jobs(),
+            client=client,
+            concurrency=config.concurrency,
+            max_consecutive_errors=config.max_consecutive_errors,
+            request=request,
+            on_reply=on_reply,
+            on_error=on_error,
+            unavailable=TeacherUnavailable,
+            refused=refused,
+            down=down,
+        )
     return summary
-
-
-def _is_teacher_error(exc: Exception) -> bool:
-    """An API failure that makes one pair a ``teacher_error`` (not a bug in this code)."""
-    return is_api_error(exc)
