@@ -437,6 +437,13 @@ async def evaluate(
     run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
     responses_path = out_dir / RESPONSES_FILE
     reused = False
+    if (out_dir / RUN_FILE).exists() or (out_dir / RESPONSES_FILE).exists():
+        _check_same_target(out_dir, target)
+    if judge is None and (out_dir / JUDGEMENTS_FILE).exists():
+        raise EvalInputError(
+            f"--judge-url: {out_dir} was judged ({JUDGEMENTS_FILE}); re-run it with the same "
+            "judge, or use a new --out folder for a run without one"
+        )
     if given is not None:
         responses = given
         log(f"read {len(responses)} responses from {target.responses}")
@@ -446,7 +453,6 @@ async def evaluate(
         previous: list[ReplayRow] = []
         if responses_path.exists():
             previous = read_responses(responses_path, "--out")
-            _check_same_target(out_dir, target)
         names = list(dict.fromkeys(personalities or [])) or list(
             dict.fromkeys(row.personality for row in previous)
         )

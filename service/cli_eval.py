@@ -232,6 +232,22 @@ def run(
         )
     if responses is not None and not responses.is_file():
         fail(f"--responses: no such file: {responses}")
+    if responses is not None:
+        ignored = [
+            option
+            for option, given in (
+                ("--source", source != "bridge"),
+                ("--path", path is not None),
+                ("--limit", limit != 0),
+                ("--personality", bool(personality)),
+            )
+            if given
+        ]
+        if ignored:
+            fail(
+                f"{', '.join(ignored)}: not used with --responses (the file's rows are "
+                "scored as they are)"
+            )
     if out.exists() and not out.is_dir():
         fail(f"--out: {out} is a file, not a folder")
     blocker = next((p for p in out.parents if p.exists()), None)
@@ -245,6 +261,8 @@ def run(
         judge_structured_output,
         required=False,
     )
+    if calibration is not None and judge_url is None:
+        fail("--calibration: given without a judge (--judge-url or FASTRESP_JUDGE_URL)")
     calibration_result = _read_calibration(calibration) if calibration is not None else None
     triples: list[Any] = []
     described = ""
@@ -302,6 +320,11 @@ def run(
         f"wrote {out / 'report.md'}, {out / 'report.html'} ({len(result.rows)} rows; "
         f"failed requests {failed_requests}; judge failures to retry {missing})"
     )
+    if failed_requests and responses is not None:
+        progress(
+            f"{failed_requests} request(s) of {responses} had failed; a replay file cannot "
+            "ask again (replay those triples, or score it as it is)"
+        )
     if failed_requests or missing:
         raise typer.Exit(1)
 
@@ -345,6 +368,9 @@ def compare(
     from adapters.eval_compare import compare_runs, comparison_markdown
     from adapters.eval_rows import RowsFileError, RunInfo, read_scored_rows
 
+    for option, target in (("--out", out), ("--json", json_out)):
+        if target is not None and not target.resolve().parent.is_dir():
+            fail(f"{option}: no such folder: {target.resolve().parent}")
     loaded = []
     for option, folder in (("RUN_A", run_a), ("RUN_B", run_b)):
         try:
@@ -421,6 +447,8 @@ def calibrate(
         required=True,
     )
     assert judge is not None
+    if json_out is not None and not json_out.resolve().parent.is_dir():
+        fail(f"--json: no such folder: {json_out.resolve().parent}")
     set_path = calibration_set or DEFAULT_CALIBRATION_SET
     try:
         examples = read_calibration_set(set_path)
@@ -497,6 +525,8 @@ def metrics(
     """
     from adapters.auto_metrics import ReplayFileError, compute_metrics, markdown_table, read_replay
 
+    if json_out is not None and not json_out.resolve().parent.is_dir():
+        fail(f"--json: no such folder: {json_out.resolve().parent}")
     names = list(name or [])
     if names and len(names) != len(runs):
         fail(f"--name: got {len(names)} name(s) for {len(runs)} run(s)")

@@ -135,6 +135,11 @@ def test_no_judge_still_reports_and_compare_pairs_the_same_answers(
         (("--responses", "empty.jsonl"), "--responses: "),
         (("--responses", "replay.jsonl", "--calibration", "corrupt.jsonl"), "--calibration: "),
         (("--responses", "replay.jsonl", "--judge-model", "x"), "--judge-model: "),
+        (("--responses", "replay.jsonl", "--limit", "5"), "--limit: not used with --responses"),
+        (
+            ("--responses", "replay.jsonl", "--calibration", "empty.jsonl"),
+            "--calibration: given without a judge",
+        ),
         (
             ("--responses", "replay.jsonl", "--judge-url", "ftp://x", "--judge-model", "x"),
             "--judge-url: ",
@@ -167,6 +172,28 @@ def test_out_under_a_file_and_compare_of_a_non_run_folder_exit_2(
     assert result.exit_code == 2 and "--out: " in result.output, result.output
     compared = invoke("compare", str(tmp_path), str(tmp_path))
     assert compared.exit_code == 2 and "RUN_A: " in compared.output, compared.output
+
+
+def test_a_folder_is_not_overwritten_by_other_answers_or_a_run_without_its_judge(
+    tmp_path: Path, responses: Path
+) -> None:
+    out = tmp_path / "run"
+    assert invoke("run", "--responses", str(responses), "--out", str(out)).exit_code == 1
+    before = (out / "responses.jsonl").read_bytes()
+    other = _write(tmp_path / "other.jsonl", [_replay_row(1, "Hello!")])
+    refused = invoke("run", "--responses", str(other), "--out", str(out))
+    assert refused.exit_code == 2 and "--out: " in refused.output, refused.output
+    assert (out / "responses.jsonl").read_bytes() == before
+    judged = tmp_path / "judged"
+    with fake_judge(_reply) as judge:
+        args = ("run", "--responses", str(responses), "--out", str(judged))
+        assert invoke(*args, "--judge-url", judge.url).exit_code == 1
+    rows = (judged / "rows.jsonl").read_bytes()
+    unjudged = invoke(*args)  # the same folder, no judge this time
+    assert unjudged.exit_code == 2 and "--judge-url: " in unjudged.output, unjudged.output
+    assert (judged / "rows.jsonl").read_bytes() == rows
+    missing = invoke("compare", str(out), str(out), "--out", str(tmp_path / "no" / "c.md"))
+    assert missing.exit_code == 2 and "--out: no such folder" in missing.output
 
 
 def test_calibrate_refuses_a_bad_set_naming_line_and_field(tmp_path: Path) -> None:
