@@ -378,7 +378,6 @@ class EvalResult:
     rows: list[ScoredRow]
     summary: ReportSummary
     judge: JudgeRunSummary | None
-    reused_responses: bool
 
 
 async def evaluate(
@@ -436,7 +435,6 @@ async def evaluate(
         load_judge_prompts(judge)  # a bad prompt file fails before the service is asked
     run_name = name or (await asyncio.to_thread(out_dir.resolve)).name
     responses_path = out_dir / RESPONSES_FILE
-    reused = False
     if (out_dir / RUN_FILE).exists() or (out_dir / RESPONSES_FILE).exists():
         _check_same_target(out_dir, target)
     if judge is None and (out_dir / JUDGEMENTS_FILE).exists():
@@ -463,7 +461,6 @@ async def evaluate(
             and asked == {row_id(row.triple.id, row.personality) for row in previous}
         ):
             responses = previous
-            reused = True
             log(
                 f"reusing the {len(responses)} answers in {responses_path} "
                 "(delete it to ask the service again)"
@@ -529,4 +526,4 @@ async def evaluate(
     )
     write_text_atomic(out_dir / RUN_FILE, info.model_dump_json(indent=2) + "\n")
     summary = write_report(rows, info, out_dir)
-    return EvalResult(rows=rows, summary=summary, judge=judge_summary, reused_responses=reused)
+    return EvalResult(rows=rows, summary=summary, judge=judge_summary)

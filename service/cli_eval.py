@@ -306,16 +306,9 @@ def run(
     from adapters.eval_report import headline_markdown
 
     typer.echo(headline_markdown(result.summary))
-    failed_requests = sum(1 for row in result.rows if not row.ok)
-    missing = sum(
-        1
-        for row in result.rows
-        for verdict in (row.intent, row.bridging)
-        if verdict is not None
-        and verdict.score is None
-        and verdict.error is not None
-        and verdict.error.startswith("judge_error")
-    )
+    # the report's own counts: failed requests by kind, judge requests that failed
+    failed_requests = sum(result.summary.failed_requests.values())
+    missing = sum(figures["failed"] for figures in result.summary.judge.values())
     progress(
         f"wrote {out / 'report.md'}, {out / 'report.html'} ({len(result.rows)} rows; "
         f"failed requests {failed_requests}; judge failures to retry {missing})"
