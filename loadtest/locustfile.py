@@ -37,8 +37,31 @@ from gevent import GreenletExit
 from locust import events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
+from locust.exception import StopUser
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
 FAST_RESPONSE = "/fast-response"
+
+_ENDING = (STATE_STOPPING, STATE_CLEANUP, STATE_STOPPED)
+"""Runner states in which the run is ending: a user sends no new request."""
+
+
+class RunEnd:
+    """When this Locust process's run began to stop (`test_stopping`), and how many
+    requests the stop cut off before `--stop-timeout` had passed."""
+
+    stopping_at: float | None = None
+    cut_off = 0
+
+    @classmethod
+    def unanswered_in_time(cls, stop_timeout_s: float) -> bool:
+        """True when a killed request had the whole `--stop-timeout` to answer: a hung
+        gateway. False when the kill came sooner, which Locust does to a user it found
+        waiting between requests that had already started its next one (gevent delivers
+        the kill at the user's next switch, inside the new request)."""
+        if cls.stopping_at is None:
+            return True
+        return time.time() - cls.stopping_at >= max(0.0, stop_timeout_s - 0.25)
 
 
 def fetch_personalities(host: str, timeout_s: float = 10.0) -> list[str]:
@@ -68,6 +91,9 @@ class FastResponseUser(FastHttpUser):
 
     @task
     def fast_response(self) -> None:
+        runner = self.environment.runner
+        if runner is not None and runner.state in _ENDING:
+            raise StopUser()  # the run is ending: a request now would only be cut off
         personality, fields = self.conversation.next_fields()
         body = {"personality": personality, **fields}
         name = f"{FAST_RESPONSE} {personality}"
@@ -75,6 +101,9 @@ class FastResponseUser(FastHttpUser):
         try:
             self._post(body, name)
         except GreenletExit:
+            if not RunEnd.unanswered_in_time(self.environment.stop_timeout or 0.0):
+                RunEnd.cut_off += 1  # killed at the stop, not after waiting: no verdict
+                raise
             # The run ended and Locust killed this user after --stop-timeout with the
             # request still unanswered (a hung gateway): count it as a failure, or a
             # gateway that stops answering mid-run would pass with no failure at all.
@@ -110,6 +139,21 @@ class FastResponseUser(FastHttpUser):
                     reply.failure("200 without a JSON body holding a fast_response text")
             client_ms = float(reply.request_meta["response_time"])
             LATENCIES.add(Sample(name, reply.status_code, source, client_ms, server_ms))
+
+
+@events.test_stopping.add_listener
+def _note_stopping(**_: Any) -> None:
+    RunEnd.stopping_at = time.time()
+
+
+@events.quitting.add_listener
+def _report_cut_off(**_: Any) -> None:
+    if RunEnd.cut_off:
+        print(
+            f"load test: {RunEnd.cut_off} requests cut off by the stop before "
+            "--stop-timeout passed (not counted)",
+            flush=True,
+        )
 
 
 @events.init.add_listener

@@ -368,7 +368,7 @@ class RedisRegistryStore:
                         exc,
                     )
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 8
 
     async def _open_subscription(self) -> tuple[PubSub, list[AdapterRecord]]:
         """A confirmed subscription and the records read after it (oldest first)."""
@@ -383,7 +383,7 @@ class RedisRegistryStore:
                 raise RedisTimeoutError(f"no confirmation of SUBSCRIBE {self.channel}")
             return pubsub, await self._snapshot()
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 8
             raise
 
     async def _snapshot(self) -> list[AdapterRecord]:
