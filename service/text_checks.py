@@ -25,10 +25,14 @@ no_leak             it states content of the main response: a number (digits or 
                     words from it, or ``leak_novel_words`` (2) of its content words;
                     numbers and words the child said are not counted
 no_contradiction    it praises the answer ("Great job!", "Correct!", "You got it") while
-                    the main response corrects the child ("Almost", "Not quite", "Let's
-                    try again", "Close", "Good try"; weak cues "Actually", "The answer
-                    is", "careful", "mistake" count when the main response praises
-                    nothing). Effort praise ("Good try", "Great thinking") is fine
+                    the main response corrects the child (`corrects_child`: "Almost",
+                    "Not quite", "Let's try again", "Close", "Good try", negation such
+                    as "No, that's..." or "that's not it"; weak cues "Actually", "The
+                    answer is", "careful", "mistake" count when the main response
+                    praises nothing; with the child's turn, a different number than
+                    the child's stated as the answer, "not <the child's number>", or a
+                    negation after a bare "yes"). Effort praise ("Good try", "Great
+                    thinking") is fine
 no_question         it asks a question ("?") while the main response asks one
 not_main_opening    it is a near-duplicate (``duplicate_ratio``, 0.75) of the main
                     response's first words or first sentence
@@ -391,7 +395,8 @@ _PRAISE = re.compile(
          absolutely\s+|all\s+)?right\b
     | \bright\s+answer\b | ^\W*right\b | ^\W*yes\b | \byes\s*[!.]
     | \b(?:great|awesome|excellent|amazing|wonderful|fantastic|brilliant|terrific|good|nice)
-         \b(?!\s+(?:try|thinking|question|idea|effort|start|guess|thought|work\s+on|to\s+))
+         \b(?!\s+(?:try|first\s+try|thinking|question|idea|effort|start|guess|thought|
+            work\s+on|to\s+))
     """,
     re.IGNORECASE | re.VERBOSE,
 )
@@ -401,35 +406,144 @@ question") is not here: it is kind whether or not the answer was right."""
 _STRONG_CORRECTION = re.compile(
     r"""
     \balmost\b | \bnot\s+quite\b | \bnot\s+yet\b | \btry\s+(?:it\s+|that\s+)?again\b
-    | \bnot\s+exactly\b | \bincorrect\b | \bnot\s+(?:the\s+)?(?:correct|right)\b
+    | \bnot\s+exactly\b | \bincorrect\b | \bnot\s+(?:be\s+)?(?:the\s+)?(?:correct|right)\b
     | \b(?:isn't|aren't|wasn't)\s+(?:quite\s+)?(?:the\s+)?(?:correct|right)\b
-    | (?<!not\s)\bwrong\b | \boops\b | ^\W*no\b | \bnope\b
+    | (?<!not\s)\bwrong\b | \boops\b | \bnope\b
+    | ^\W*no\b(?![,.!]?\s+(?:problem|worries|(?:that's|that\s+is|you're|you\s+are)\s+
+         (?:right|correct|true|it)\b))
     | \b(?:so|very|really|pretty|super)\s+close\b
     | \b(?:you're|you\s+are|that's|that\s+is|it's|it\s+is|you\s+were|was)\s+
          (?:so\s+|very\s+|really\s+)?close\b
     | ^\W*(?:\w+\s+)?close\b
-    | \b(?:nice|good|great)\s+try\b
+    | \b(?:nice|good|great)\s+(?:first\s+)?try\b
     | \blet's\s+(?:check|double[\s-]check|recheck|look\s+again|review)\b
     | \bdouble[\s-]check\b | \bare\s+you\s+sure\b | \bwould\s+be\s+correct\s+if\b
+    | (?<!\boh\s)(?<!\boh,\s)\bno[,.!]?\s+(?:that\s+isn't|not)\b
+    | (?<!\boh\s)(?<!\boh,\s)\bno[,.!]?\s+(?:that's|that\s+is)\s+
+         (?!(?:right|correct|true|it|fine|okay|ok|good|great|perfect)\b)
+    | \b(?:that's|that\s+is|it's|it\s+is)\s+not\s+(?:quite\s+)?(?:it|right|correct|true)\b
+    | \b(?:that|this|it)\s+(?:isn't|is\s+not)\s+it\b
+    | \bdon't\s+think\s+so\b
+    | \b(?:but|however),?\s+(?:we're|we\s+are)\s+looking\s+for\b
     """,
     re.IGNORECASE | re.VERBOSE,
 )
+"""Correction cues that count whatever else the main response says."""
 _WEAK_CORRECTION = re.compile(
     r"\bactually\b|\bthe\s+(?:correct\s+|right\s+)?answer\s+is\b|\bmistake\b|\bcareful\b",
     re.IGNORECASE,
 )
+"""Correction cues that count only when the main response praises nothing."""
+
+_NUMBER_TOKEN = (
+    r"(?:\d+(?:[.,/]\d+)*"
+    r"|(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|"
+    r"fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|"
+    r"seventy|eighty|ninety|hundred|thousand|million)(?:[\s-]+(?:and\s+)?(?:one|two|three|"
+    r"four|five|six|seven|eight|nine|hundred|thousand|million))*)"
+)
+_STATED_NUMBER = re.compile(
+    rf"""
+    (?:\b(?:is|are|was|were|be|equals?|makes?)\s+|=\s*|\bthere\s+(?:is|are)\s+)
+        (?:about\s+|only\s+|just\s+|exactly\s+|also\s+)?(?P<after>{_NUMBER_TOKEN})\b
+    | \b(?P<before>{_NUMBER_TOKEN})\s+(?:is|are)\b
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+"""A number in an answer position: "an hour is 60 minutes", "there are 3 groups", "9 x 9
+= 81", "3.14 is the value of pi"."""
+_NOT_NUMBER = re.compile(rf"\bnot\s+(?P<number>{_NUMBER_TOKEN})\b", re.IGNORECASE)
+"""A number rejected by name: "1/4 of 200 is 50, not 5"."""
+_BARE_YES = re.compile(
+    r"^\W*(?:y+e+s+|yea+h*|yep|yup|ya+|sure|ok(?:ay)?)(?:\s+(?:sir|ma'?a?m|mam))?\W*$",
+    re.IGNORECASE,
+)
+_NEGATION = re.compile(r"\b(?:not|no|never)\b|n't\b", re.IGNORECASE)
+_QUESTION = re.compile(
+    r"^\W*(?:how|what|why|when|where|which|who|do|does|did|can|could|should|would|will|are)\b"
+    r".*\?\W*$",
+    re.IGNORECASE | re.DOTALL,
+)
+"""A question of the child's ("How are you going to get one half?"), not an answer; a
+tentative answer ("9?", "is it 8?") is not one."""
 
 
-def corrects_child(main_response: str) -> bool:
-    """True when `main_response` corrects the child (a cue listed in the module doc).
+def _sentences(text: str) -> list[str]:
+    """`text` split after each run of ., ! or ? (each piece keeps its end mark)."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
 
-    Weak cues ("Actually", "The answer is", "careful", "mistake") count only when the main
-    response praises nothing, so "Yes! The answer is 12." is not a correction.
+
+def _stated_numbers(text: str) -> set[float]:
+    """Numbers `text` states in an answer position (`_STATED_NUMBER`) outside questions."""
+    found: set[float] = set()
+    for sentence in _sentences(text):
+        if sentence.endswith("?"):
+            continue
+        for match in _STATED_NUMBER.finditer(sentence):
+            found |= numbers(match.group("after") or match.group("before"))
+    return found
+
+
+def _corrects_by_user_turn(text: str, user_turn: str, praised: bool) -> bool:
+    """The cues that need the child's turn (see `corrects_child`)."""
+    said = set() if _QUESTION.match(user_turn) else numbers(user_turn)
+    if said:
+        # the child's number rejected by name; not when the child said "not N" too
+        said_not = {n for m in _NOT_NUMBER.finditer(user_turn) for n in numbers(m.group("number"))}
+        if any(numbers(m.group("number")) & (said - said_not) for m in _NOT_NUMBER.finditer(text)):
+            return True  # "50, not 5"
+        if not praised and not (numbers(text) & said) and _stated_numbers(text):
+            return True  # "There are 60 minutes in an hour." after "44"
+    if not praised and _BARE_YES.match(user_turn):
+        first = _sentences(text)[:1]
+        return bool(first and _NEGATION.search(first[0]))  # "yes" -> "They do not ..."
+    return False
+
+
+def corrects_child(main_response: str, user_turn: str | None = None) -> bool:
+    """True when `main_response` tells the child their answer is wrong or not finished.
+
+    Cues (case-insensitive, curly apostrophes read as straight ones):
+
+    - strong, always a correction: "almost", "not quite", "not yet", "try again",
+      "incorrect", "not (be) the correct/right", "wrong", "oops", a leading "No",
+      "nope", "so/very close", "you're close", "good/great/nice (first) try",
+      "let's check", "double-check", "are you sure", "would be correct if", negation
+      ("no, that's ...", "that's not it/right/correct/true", "that isn't it",
+      "don't think so") and "but we're looking for";
+    - weak, a correction only when the main response praises nothing (`praises_answer`):
+      "actually", "the (correct) answer is", "mistake", "careful" - so "Yes! The answer
+      is 12." is not a correction;
+    - with `user_turn` only:
+        - the child's number rejected by name ("50, not 5" after "5"), always;
+        - a different number than the child's: the child said a number, the main
+          response states another in an answer position outside a question ("There
+          are 60 minutes in an hour." after "44"; "is N", "are N", "= N", "there are
+          N", "N is"), never repeats any of the child's numbers, and praises nothing.
+          "30? Let's count: 10, 20, 30" repeats the child's 30, so it is no
+          correction; numbers asked about ("What is 7 x 5?") do not count;
+        - negation of a bare "yes": the child said only "yes" (or "yeah", "ok", ...)
+          and the first sentence of the main response, which praises nothing, has
+          "not", "no", "never" or "n't" ("These shapes do not have symmetry.").
+
+    Args:
+        main_response: Pika's main answer.
+        user_turn: what the child said; None keeps to the cues of the main response
+            alone (the call of the first version).
+
+    Returns:
+        Whether the main response corrects the child. Measured against 59
+        hand-labelled Bridge items (`adapters.signals.contradiction`).
     """
     text = main_response.translate(_APOSTROPHES)
     if _STRONG_CORRECTION.search(text):
         return True
-    return bool(_WEAK_CORRECTION.search(text)) and not _PRAISE.search(text)
+    praised = bool(_PRAISE.search(text))
+    if _WEAK_CORRECTION.search(text) and not praised:
+        return True
+    if user_turn is None:
+        return False
+    return _corrects_by_user_turn(text, user_turn.translate(_APOSTROPHES), praised)
 
 
 def praises_answer(text: str) -> bool:
@@ -564,8 +678,8 @@ def _check_no_leak(candidate: str, user_turn: str, main: str, limits: FilterLimi
     return not (limits.leak_novel_words > 0 and len(novel) >= limits.leak_novel_words)
 
 
-def _check_no_contradiction(candidate: str, main: str) -> bool:
-    return not (corrects_child(main) and praises_answer(candidate))
+def _check_no_contradiction(candidate: str, main: str, user_turn: str) -> bool:
+    return not (praises_answer(candidate) and corrects_child(main, user_turn))
 
 
 def _check_no_question(candidate: str, main: str) -> bool:
@@ -617,7 +731,7 @@ def failed_filters(
         main = main_response
         checks |= {
             "no_leak": lambda: _check_no_leak(candidate, user_turn, main, limits),
-            "no_contradiction": lambda: _check_no_contradiction(candidate, main),
+            "no_contradiction": lambda: _check_no_contradiction(candidate, main, user_turn),
             "no_question": lambda: _check_no_question(candidate, main),
             "not_main_opening": lambda: _check_not_main_opening(candidate, main, limits),
         }
