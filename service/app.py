@@ -19,6 +19,7 @@ from service.adapter_validation import BaseModelInfo
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
 from service.fast_response import FastResponseService
+from service.guard import check_tone_fit
 from service.logs import configure_logging
 from service.metrics import NO_SOURCE, UNKNOWN_PERSONALITY, Metrics, outcome_of, personality_of
 from service.personalities import load_personalities
@@ -250,7 +251,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 metrics,
                 deadline_s=deadline_ms / 1000,
                 base_prompt_mode=settings.base_prompt_mode,
+                tone_guard=settings.tone_guard,
             )
+            if settings.tone_guard:
+                check_tone_fit("Hi.", "Hi.")  # loads VADER's lexicon (10-15 ms) before traffic
             if settings.warm_up:
                 seconds = await app.state.service.warm_up()
                 logger.info("warmed up %d personalities in %.1f s", len(personalities), seconds)

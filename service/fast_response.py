@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from service.engine import Engine, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable, UnknownPersonality
-from service.guard import clean_fast_response
+from service.guard import check_tone_fit, clean_fast_response
 from service.metrics import Metrics
 from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
@@ -36,6 +36,11 @@ WARM_UP_TIMEOUT_S = 300.0
 
 #: Generations per request: a guard rejection is sampled again once, within the deadline.
 GENERATION_ATTEMPTS = 2
+
+#: Served with the tone guard on when every fallback phrase of the personality would
+#: clash with the child's mood. It has no sentiment words, so it is neither exuberant nor
+#: gloomy and fits any child (`adapters.signals.tone`).
+NEUTRAL_FALLBACK = "I hear you."
 
 
 class FallbackReason(StrEnum):
@@ -73,6 +78,7 @@ class FastResponseService:
         metrics: Metrics,
         deadline_s: float,
         base_prompt_mode: PromptMode,
+        tone_guard: bool = False,
     ) -> None:
         self._engine = engine
         self._personalities = dict(personalities)
@@ -80,6 +86,7 @@ class FastResponseService:
         self._metrics = metrics
         self.deadline_s = deadline_s
         self._base_prompt_mode = base_prompt_mode
+        self.tone_guard = tone_guard
         self._fallbacks: dict[str, Iterator[str]] = {
             name: itertools.cycle(p.fallback_phrases) for name, p in self._personalities.items()
         }
@@ -174,13 +181,15 @@ class FastResponseService:
             )
             self._metrics.in_flight.inc()
             try:
-                text, reason = await self._generate(personality, request_id, generation)
+                text, reason = await self._generate(
+                    personality, request_id, generation, request.user_turn
+                )
             finally:
                 self._metrics.in_flight.dec()
         source = "model"
         if text is None:
             source = "fallback"
-            text = next(self._fallbacks[personality.name])
+            text = self._fallback(personality, request.user_turn)
             self._metrics.fallbacks.labels(personality.name, reason).inc()
         elapsed = time.perf_counter() - started
         self._metrics.request_duration.labels(personality.name, source).observe(elapsed)
@@ -194,13 +203,31 @@ class FastResponseService:
             request_id=request_id,
         )
 
+    def _fallback(self, personality: Personality, user_turn: str) -> str:
+        """The personality's next fallback phrase. With the tone guard on, phrases whose
+        tone clashes with `user_turn` are skipped, and NEUTRAL_FALLBACK is used when all do.
+        """
+        phrases = self._fallbacks[personality.name]
+        if not self.tone_guard:
+            return next(phrases)
+        for _ in personality.fallback_phrases:
+            phrase = next(phrases)
+            if check_tone_fit(phrase, user_turn).text is not None:
+                return phrase
+        return NEUTRAL_FALLBACK
+
     async def _generate(
-        self, personality: Personality, request_id: str, generation: GenerationRequest
+        self,
+        personality: Personality,
+        request_id: str,
+        generation: GenerationRequest,
+        user_turn: str,
     ) -> tuple[str | None, FallbackReason | None]:
         """The guarded model text, or (None, reason) when a fallback must be used.
 
-        An output the guard rejects is sampled again, up to GENERATION_ATTEMPTS times
-        in all, while the deadline allows.
+        An output the guard rejects (with the tone guard on: also one whose tone clashes
+        with `user_turn`) is sampled again, up to GENERATION_ATTEMPTS times in all, while
+        the deadline allows.
         """
         engine_started = time.perf_counter()
         result: GenerationResult
@@ -217,6 +244,8 @@ class FastResponseService:
                         personality.max_words,
                         truncated=result.finish_reason == "length",
                     )
+                    if guarded.text is not None and self.tone_guard:
+                        guarded = check_tone_fit(guarded.text, user_turn)
                     if guarded.text is not None:
                         return guarded.text, None
                     logger.info("request %s: guard rejected (%s)", engine_id, guarded.rejection)

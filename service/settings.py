@@ -167,6 +167,15 @@ class Settings(BaseSettings):
     gateway, and no TTFT in the gateway's metrics (vLLM's own
     `vllm:time_to_first_token_seconds` still has it). See BENCHMARKS.md."""
 
+    tone_guard: bool = False
+    """Also refuse a model output whose tone clashes with the child's (env
+    `FASTRESP_TONE_GUARD`): an exuberant reply to a sad, scared or hurt child, or a gloomy
+    one to a happy child, by VADER sentiment (`adapters.signals.tone`). A refused output is
+    resampled once, then a fallback phrase is served, counted with reason `guard`; the
+    guard's reason is `tone_mismatch`. Fallback phrases that would clash are skipped. Off
+    by default; it adds 0.03 ms per answer at P95 (`python -m service.bench_tone`,
+    docs/benchmarks/tone_guard.json)."""
+
     redis_url: str | None = None
     """Redis URL (e.g. `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
 
