@@ -16,6 +16,7 @@ from service.cli_common import fail, load_settings
 from service.cli_data import app as data_app
 from service.cli_eval import app as eval_app
 from service.cli_loadtest import loadtest as loadtest_command
+from service.cli_signals import app as signals_app
 from service.cli_train import app as train_app
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
+app.add_typer(signals_app, name="signals")
 app.command(name="loadtest")(loadtest_command)
 
 
