@@ -1,4 +1,5 @@
-"""Automatic quality metrics of served fast responses: no LLM, the same text rules as serving.
+"""Automatic quality metrics of served fast responses: no LLM, the same text rules as serving,
+and the no-judge quality signals of issue 9 (uptake, tone fit, contradiction).
 
 Input: the rows `fastresp replay` writes (`service.replay.ReplayRow`: the triple sent and
 the gateway's answer), or the rows of an evaluation run (`adapters.eval_rows.ScoredRow`).
@@ -34,10 +35,26 @@ pass_rate                   rows whose model text passes the guard and every fil
                             not passing: the guard and filters were not passed by the model
 leak_rate                   model rows failing ``no_leak`` / model rows sent with a main
                             response (the only rows where a leak is possible)
-praise_before_correction    model rows failing ``no_contradiction`` (praise such as
-                            "Great job!" while the main response corrects the child) /
-                            model rows whose main response corrects the child
-                            (`text_checks.corrects_child`)
+praise_before_correction    the contradiction rate: model rows failing
+                            ``no_contradiction`` (praise such as "Great job!" while the
+                            main response corrects the child) / model rows whose main
+                            response corrects the child (`text_checks.corrects_child`
+                            given the child's turn)
+uptake_mean, uptake_q1,     mean and quartiles of the uptake scores of the model rows
+uptake_median, uptake_q3    (`adapters.signals.uptake.UptakeScorer`, 0-1: how much the
+                            response builds on the child's turn); quartiles by linear
+                            interpolation, Hyndman & Fan (1996) type 7
+                            (``statistics.quantiles(n=4, method="inclusive")``);
+                            ``uptake_rows`` model rows have a score
+low_uptake_rate             model rows with uptake < ``low_uptake_threshold``
+                            (`adapters.signals.uptake.LOW_UPTAKE`, the data filter
+                            ``low_uptake``) / ``uptake_rows``; ``low_uptake_rows`` is the
+                            count
+tone_mismatch_rate          model rows whose tone does not fit the child's turn
+                            (`adapters.signals.tone.check_tone`: exuberant to a sad,
+                            scared or hurt child, gloomy to a happy one) / model rows
+                            checked (``tone_rows``); ``tone_mismatches`` counts them by
+                            the mismatch's name
 repetition_rate             rows whose normalised text (`text_checks.word_tokens` joined
                             by one space: case, punctuation and extra spaces ignored)
                             equals one of the previous 4 answers of the same (session_id,
@@ -63,22 +80,32 @@ share                       of the model texts and the share of model rows that 
 filter_failures             per filter name: model rows failing it
 ==========================  ==============================================================
 
-A rate whose denominator is 0 is None ("n/a"), never 0.
+A rate whose denominator is 0 is None ("n/a"), never 0. Rows scored before the signals
+existed carry no uptake or tone check and are left out of those figures.
+
+The uptake model (sentence-transformers, the ``signals`` extra; ``eval`` includes it) is
+loaded once per process on the first `check_rows` that has a model row, and every model
+row of the call is scored in one batch.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.eval_rows import RowChecks, ScoredRow, row_id
+from adapters.labels import load_uptake_scorer
 from service.replay import ReplayFileError, ReplayRow, latency_percentiles, read_replay_rows
 
 __all__ = ["ReplayFileError"]  # re-exported: `fastresp eval metrics` catches it here
 from service.text_checks import corrects_child, failed_filters, opener, word_tokens
+
+if TYPE_CHECKING:
+    from adapters.signals.uptake import UptakeScorer
 
 REPETITION_TURNS = 5
 """A repeat is the same answer twice within this many turns of one (session,
@@ -135,6 +162,17 @@ class AutoMetrics:
     repetition_denominator: int = 0
     safety_flag_rate: float | None = None
     safety_flags: int = 0
+    uptake_mean: float | None = None
+    uptake_q1: float | None = None
+    uptake_median: float | None = None
+    uptake_q3: float | None = None
+    uptake_rows: int = 0
+    low_uptake_rate: float | None = None
+    low_uptake_rows: int = 0
+    low_uptake_threshold: float | None = None
+    tone_mismatch_rate: float | None = None
+    tone_rows: int = 0
+    tone_mismatches: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -172,20 +210,34 @@ def normalised_text(text: str) -> str:
     return " ".join(word_tokens(text))
 
 
-def check_rows(responses: Sequence[ServedResponse]) -> list[RowChecks]:
+def check_rows(
+    responses: Sequence[ServedResponse],
+    *,
+    signals: bool = True,
+    uptake_scorer: UptakeScorer | None = None,
+) -> list[RowChecks]:
     """The automatic checks of each response, in input order (one `RowChecks` each).
 
     A model row (any source but ``fallback``) gets every text check: its failed filters,
     ``passes``, ``safety_flag`` (fails ``kid_safe``), ``words`` and ``chars``; ``leak``
     when it was sent with a main response; ``praise_before_correction`` when that main
-    response corrects the child. A fallback row gets ``passes=False`` and no text check
-    (the text is not the model's). Every row gets ``repeats_in_session`` when an earlier
-    row shares its (session_id, personality): True when its normalised text equals one
-    of the last `REPETITION_TURNS` - 1 answers of that key (any source), else False; None
-    for the first answer of its key and for a row without a session id.
+    response corrects the child; with `signals`, ``uptake`` (all model rows scored in
+    one batch), ``tone_fit`` and ``tone_mismatch``. A fallback row gets
+    ``passes=False`` and no text or signal check (the text is not the model's). Every
+    row gets ``repeats_in_session`` when an earlier row shares its (session_id,
+    personality): True when its normalised text equals one of the last
+    `REPETITION_TURNS` - 1 answers of that key (any source), else False; None for the
+    first answer of its key and for a row without a session id.
 
     Args:
         responses: the answered requests, in the order they were sent in each session.
+        signals: compute the uptake and tone checks (False: leave them None).
+        uptake_scorer: the uptake model; None: the process's default one, loaded on the
+            first call that has a model row (`adapters.labels.load_uptake_scorer`).
+
+    Raises:
+        adapters.labels.SignalsUnavailable: `signals` is on, no scorer was given and the
+            ``signals`` extra is not installed.
     """
     history: dict[tuple[str, str | None], deque[str]] = {}
     checks: list[RowChecks] = []
@@ -214,7 +266,7 @@ def check_rows(responses: Sequence[ServedResponse]) -> list[RowChecks]:
                 leak=None if main is None else "no_leak" in failed,
                 praise_before_correction=(
                     "no_contradiction" in failed
-                    if main is not None and corrects_child(main)
+                    if main is not None and corrects_child(main, response.user_turn)
                     else None
                 ),
                 safety_flag="kid_safe" in failed,
@@ -223,7 +275,37 @@ def check_rows(responses: Sequence[ServedResponse]) -> list[RowChecks]:
                 chars=len(response.fast_response),
             )
         )
+    if signals:
+        checks = _with_signals(responses, checks, uptake_scorer)
     return checks
+
+
+def _with_signals(
+    responses: Sequence[ServedResponse],
+    checks: list[RowChecks],
+    scorer: UptakeScorer | None,
+) -> list[RowChecks]:
+    """`checks` with ``uptake``, ``tone_fit`` and ``tone_mismatch`` set on the model rows
+    (one uptake batch for all of them)."""
+    model = [i for i, r in enumerate(responses) if r.source != "fallback"]
+    if not model:
+        return checks
+    from adapters.signals.tone import tone_mismatch
+
+    uptake_model = scorer if scorer is not None else load_uptake_scorer()
+    pairs = [(responses[i].user_turn, responses[i].fast_response) for i in model]
+    scores = uptake_model.score_many(pairs)
+    out = list(checks)
+    for i, (turn, text), score in zip(model, pairs, scores, strict=True):
+        mismatch = tone_mismatch(turn, text)
+        out[i] = out[i].model_copy(
+            update={
+                "uptake": float(score),
+                "tone_fit": mismatch is None,
+                "tone_mismatch": mismatch,
+            }
+        )
+    return out
 
 
 def _count(values: Iterable[bool | None]) -> tuple[int, int]:
@@ -260,6 +342,12 @@ def summarize_checks(
     flags, flag_rows = _count(c.safety_flag for _, c in model)
     repeats, repeat_rows = _count(c.repeats_in_session for c in checks)
     passed = sum(c.passes is True for c in checks)
+    uptakes = [c.uptake for _, c in model if c.uptake is not None]
+    quartiles = _quartiles(uptakes)
+    threshold = _low_uptake_threshold() if uptakes else None
+    low = sum(u < threshold for u in uptakes) if threshold is not None else 0
+    tone_checked = [c for _, c in model if c.tone_fit is not None]
+    mismatches = Counter(c.tone_mismatch or "unnamed" for c in tone_checked if c.tone_fit is False)
     texts = [r.fast_response for r, _ in model]
     openers = Counter(o for o in (opener(t) for t in texts) if o)
     top = openers.most_common(1)
@@ -289,17 +377,52 @@ def summarize_checks(
         repetition_denominator=repeat_rows,
         safety_flag_rate=_rate(flags, flag_rows),
         safety_flags=flags,
+        uptake_mean=statistics.fmean(uptakes) if uptakes else None,
+        uptake_q1=quartiles[0] if quartiles else None,
+        uptake_median=quartiles[1] if quartiles else None,
+        uptake_q3=quartiles[2] if quartiles else None,
+        uptake_rows=len(uptakes),
+        low_uptake_rate=_rate(low, len(uptakes)),
+        low_uptake_rows=low,
+        low_uptake_threshold=threshold,
+        tone_mismatch_rate=_rate(sum(mismatches.values()), len(tone_checked)),
+        tone_rows=len(tone_checked),
+        tone_mismatches=dict(sorted(mismatches.items())),
     )
 
 
-def compute_metrics(responses: Sequence[ServedResponse], rows: int | None = None) -> AutoMetrics:
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """(Q1, median, Q3) of `values`, Hyndman & Fan type 7; None when empty."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def _low_uptake_threshold() -> float:
+    """`adapters.signals.uptake.LOW_UPTAKE`, the data filter's threshold."""
+    from adapters.signals.uptake import LOW_UPTAKE
+
+    return float(LOW_UPTAKE)
+
+
+def compute_metrics(
+    responses: Sequence[ServedResponse], rows: int | None = None, *, signals: bool = True
+) -> AutoMetrics:
     """The metrics of `responses` (the ok rows of a run): check each, then summarise.
 
     Args:
         responses: one per answered request, in the order sent.
         rows: all rows of the run, errors included (default: ``len(responses)``).
+        signals: compute the uptake and tone figures (`check_rows`).
+
+    Raises:
+        adapters.labels.SignalsUnavailable: `signals` is on and the ``signals`` extra is
+            not installed.
     """
-    return summarize_checks(responses, check_rows(responses), rows)
+    return summarize_checks(responses, check_rows(responses, signals=signals), rows)
 
 
 def served_response(row: ScoredRow) -> ServedResponse:
@@ -398,8 +521,26 @@ def markdown_table(runs: Sequence[tuple[str, AutoMetrics]]) -> str:
         (f"{_fmt(m.leak_rate, True)} (of {m.leak_denominator})" for _, m in runs),
     )
     row(
-        "praise before a correction",
+        "contradiction: praise before a correction",
         (f"{_fmt(m.praise_before_correction, True)} (of {m.correction_rows})" for _, m in runs),
+    )
+    row("uptake mean (0-1)", (_fmt(m.uptake_mean) for _, m in runs))
+    row(
+        "uptake Q1 / median / Q3",
+        (f"{_fmt(m.uptake_q1)} / {_fmt(m.uptake_median)} / {_fmt(m.uptake_q3)}" for _, m in runs),
+    )
+    row(
+        "low uptake (below the low_uptake filter's threshold)",
+        (
+            f"{_fmt(m.low_uptake_rate, True)} (of {m.uptake_rows}"
+            + ("" if m.low_uptake_threshold is None else f", < {m.low_uptake_threshold:g}")
+            + ")"
+            for _, m in runs
+        ),
+    )
+    row(
+        "tone mismatch rate",
+        (f"{_fmt(m.tone_mismatch_rate, True)} (of {m.tone_rows})" for _, m in runs),
     )
     row(
         "repetition rate",

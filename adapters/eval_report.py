@@ -9,7 +9,14 @@ module turns them into a folder people open:
   or attached to a ticket and still show everything;
 - ``plots/intent_scores.png``, ``plots/bridging_scores.png``: score histograms per
   personality (always written: without a judge or without a single score, the figure
-  says so), ``plots/latency.png``: the service's latency with the 100 ms line.
+  says so), ``plots/latency.png``: the service's latency with the 100 ms line,
+  ``plots/uptake.png``: the uptake scores per personality with the ``low_uptake``
+  threshold (the figure says so when no row has a score).
+
+The quality signals of issue 9, which need no judge (uptake, tone fit, contradiction =
+praise before a correction), are reported for the run (automatic metrics) and per
+personality (their own table): uptake mean, quartiles and share below the
+``low_uptake`` threshold, tone-mismatch rate and contradiction rate.
 
 Why the report says how far its judge can be trusted: the project's targets (issue 6:
 judged accuracy above 95 %, mean intent score above 4.5) are measured by an LLM judge,
@@ -92,6 +99,7 @@ PLOT_FILES = {
     "intent": "plots/intent_scores.png",
     "bridging": "plots/bridging_scores.png",
     "latency": "plots/latency.png",
+    "uptake": "plots/uptake.png",
 }
 """The plot files, relative to the report folder (the report links them so)."""
 
@@ -449,7 +457,10 @@ class ReportSummary(BaseModel):
     """`AutoMetrics.as_dict()` of all rows."""
     per_personality: dict[str, dict[str, Any]]
     """Personality -> n, pass_rate, leak_rate, fallback_rate, judged_accuracy,
-    mean_intent, mean_bridging, latency_p95_ms (None when undefined)."""
+    mean_intent, mean_bridging, latency_p95_ms, and the signals: uptake_mean,
+    uptake_q1, uptake_median, uptake_q3, uptake_rows, low_uptake_rate,
+    tone_mismatch_rate, tone_rows, contradiction_rate (`AutoMetrics`'
+    praise_before_correction) and correction_rows (None when undefined)."""
     judge: dict[str, dict[str, Any]]
     """Judgement kind -> `judge_summary` (empty without a judge)."""
     judge_trust: TrustLevel
@@ -480,6 +491,16 @@ def per_personality(rows: Sequence[ScoredRow]) -> dict[str, dict[str, Any]]:
             "mean_intent": mean_score(group, "intent"),
             "mean_bridging": mean_score(group, "bridging"),
             "latency_p95_ms": metrics.latency_p95_ms,
+            "uptake_mean": metrics.uptake_mean,
+            "uptake_q1": metrics.uptake_q1,
+            "uptake_median": metrics.uptake_median,
+            "uptake_q3": metrics.uptake_q3,
+            "uptake_rows": metrics.uptake_rows,
+            "low_uptake_rate": metrics.low_uptake_rate,
+            "tone_mismatch_rate": metrics.tone_mismatch_rate,
+            "tone_rows": metrics.tone_rows,
+            "contradiction_rate": metrics.praise_before_correction,
+            "correction_rows": metrics.correction_rows,
         }
     return table
 
@@ -678,9 +699,20 @@ def _metrics_table(m: AutoMetrics) -> _Table:
         ["passes guard and filters", _rate_of(m.pass_rate, m.ok)],
         ["main-response leak rate", _rate_of(m.leak_rate, m.leak_denominator)],
         [
-            "praise before a correction",
+            "contradiction: praise before a correction",
             _rate_of(m.praise_before_correction, m.correction_rows),
         ],
+        ["uptake mean (0-1)", _num(m.uptake_mean)],
+        [
+            "uptake Q1 / median / Q3",
+            f"{_num(m.uptake_q1)} / {_num(m.uptake_median)} / {_num(m.uptake_q3)}",
+        ],
+        [
+            "low uptake"
+            + ("" if m.low_uptake_threshold is None else f" (< {m.low_uptake_threshold:g})"),
+            _rate_of(m.low_uptake_rate, m.uptake_rows),
+        ],
+        ["tone mismatch rate", _rate_of(m.tone_mismatch_rate, m.tone_rows)],
         [
             "repeats within the session (last 5 turns)",
             _rate_of(m.repetition_rate, m.repetition_denominator),
@@ -702,6 +734,9 @@ def _metrics_table(m: AutoMetrics) -> _Table:
         ],
     ]
     rows.extend([f"fails {name}", str(count)] for name, count in sorted(m.filter_failures.items()))
+    rows.extend(
+        [f"tone mismatch: {name}", str(count)] for name, count in sorted(m.tone_mismatches.items())
+    )
     return _Table(["metric", "value"], rows)
 
 
@@ -761,6 +796,10 @@ def _worst_block(row: ScoredRow, rank: int) -> list[_Block]:
     items.append(("main response", row.triple.main_response or "(none sent)"))
     items.append(("fast response", f"{row.fast_response} (source: {row.source})"))
     items.append(("failed filters", ", ".join(row.checks.failed_filters) or "none"))
+    if row.checks.uptake is not None:
+        items.append(("uptake", f"{row.checks.uptake:.2f}"))
+    if row.checks.tone_fit is not None:
+        items.append(("tone", "fits" if row.checks.tone_fit else str(row.checks.tone_mismatch)))
     items.append(("intent", verdict_text("intent")))
     items.append(("bridging", verdict_text("bridging")))
     return [_Heading(3, title), _Items(items)]
@@ -861,12 +900,46 @@ def _blocks(
             ],
         )
     )
+    blocks.append(_Heading(2, "Quality signals per personality"))
+    blocks.append(
+        _Para(
+            "No judge: uptake (adapters/signals/uptake.py, 0-1: how much the answer builds "
+            "on what the child said), tone fit (adapters/signals/tone.py) and contradiction "
+            "(praise such as 'Great job!' while the main response corrects the child, over "
+            "the rows whose main response corrects). Model answers only; fallbacks are left "
+            "out."
+        )
+    )
+    blocks.append(
+        _Table(
+            [
+                "personality",
+                "uptake mean",
+                "uptake Q1 / median / Q3",
+                "low uptake",
+                "tone mismatch rate",
+                "contradiction rate",
+            ],
+            [
+                [
+                    name,
+                    _num(p["uptake_mean"]),
+                    f"{_num(p['uptake_q1'])} / {_num(p['uptake_median'])} / {_num(p['uptake_q3'])}",
+                    _rate_of(p["low_uptake_rate"], p["uptake_rows"]),
+                    _rate_of(p["tone_mismatch_rate"], p["tone_rows"]),
+                    _rate_of(p["contradiction_rate"], p["correction_rows"]),
+                ]
+                for name, p in summary.per_personality.items()
+            ],
+        )
+    )
     blocks.append(_Heading(2, "Plots"))
     if info.judge is None:
         blocks.append(_Para("No judge was set: the score plots say so and show no bars."))
     blocks.append(_Image("intent", "Intent scores per personality"))
     blocks.append(_Image("bridging", "Bridging scores per personality"))
     blocks.append(_Image("latency", "Service latency with the 100 ms target"))
+    blocks.append(_Image("uptake", "Uptake scores per personality"))
     blocks.append(_Heading(2, f"The {WORST_COUNT} worst responses"))
     blocks.append(_Para(summary.worst_ranking))
     if not worst:
@@ -999,6 +1072,44 @@ def latency_plot(rows: Sequence[ScoredRow], info: RunInfo, p95_ms: float | None)
     return _figure_png(draw)
 
 
+def uptake_plot(rows: Sequence[ScoredRow], info: RunInfo, threshold: float | None) -> bytes:
+    """Histogram of the model answers' uptake scores (0-1, bins of 0.05), one step line
+    per personality, with a dashed line at the ``low_uptake`` threshold; a figure that
+    says so when no row has a score (a run scored before the signals). Returns PNG
+    bytes."""
+    title = f"Uptake — {info.name}"
+    by_personality: dict[str, list[float]] = {}
+    for row in rows:
+        if row.checks.uptake is not None:
+            by_personality.setdefault(row.personality, []).append(row.checks.uptake)
+    scored = sum(len(v) for v in by_personality.values())
+
+    def draw(axes: Any) -> None:
+        if not scored:
+            _message(axes, title, "no uptake scores in these rows")
+            return
+        import numpy as np
+        from matplotlib.ticker import MaxNLocator
+
+        bins = np.linspace(0.0, 1.0, 21)
+        for name in sorted(by_personality):
+            values = by_personality[name]
+            axes.hist(values, bins=bins, histtype="step", lw=2, label=f"{name} (n={len(values)})")
+        if threshold is not None:
+            axes.axvline(
+                threshold, color="#c44e52", ls="--", lw=2, label=f"low_uptake < {threshold:g}"
+            )
+        axes.set_xlim(0.0, 1.0)
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("uptake score (0 = ignores the child's turn ... 1 = builds on it)")
+        axes.set_ylabel("responses")
+        axes.set_title(f"{title} (n={scored})")
+        axes.grid(True, alpha=0.3)
+        axes.legend(title="personality", fontsize="small")
+
+    return _figure_png(draw)
+
+
 # --- writing ----------------------------------------------------------------------------
 
 
@@ -1006,7 +1117,7 @@ def write_report(rows: Sequence[ScoredRow], info: RunInfo, out_dir: Path) -> Rep
     """Write the report of one run into `out_dir` (created if missing).
 
     Files: ``plots/intent_scores.png``, ``plots/bridging_scores.png``,
-    ``plots/latency.png`` (always all three), ``report.md``, ``report.html``
+    ``plots/latency.png``, ``plots/uptake.png`` (always all four), ``report.md``, ``report.html``
     (self-contained) and, last, ``summary.json``; each written atomically.
 
     Args:
@@ -1040,6 +1151,7 @@ def write_report(rows: Sequence[ScoredRow], info: RunInfo, out_dir: Path) -> Rep
         "intent": score_plot(rows, "intent", info),
         "bridging": score_plot(rows, "bridging", info),
         "latency": latency_plot(rows, info, metrics.latency_p95_ms),
+        "uptake": uptake_plot(rows, info, metrics.low_uptake_threshold),
     }
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     for key, data in images.items():

@@ -69,7 +69,9 @@ class RowChecks(BaseModel):
     A check that does not apply is None: every text check of a fallback row or a failed
     request (the text is not the model's), ``leak`` without a main response,
     ``praise_before_correction`` when the main response does not correct the child,
-    ``repeats_in_session`` for the first answer of its (session, personality).
+    ``repeats_in_session`` for the first answer of its (session, personality). The
+    signal checks (``uptake``, ``tone_fit``, ``tone_mismatch``) are None too in rows
+    scored before they existed, so older ``rows.jsonl`` files still read.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -87,6 +89,15 @@ class RowChecks(BaseModel):
     4 turns of the same (session, personality): the same answer twice within 5 turns."""
     words: int | None = None
     chars: int | None = None
+    uptake: float | None = None
+    """Uptake score of the model text in [0, 1] (`adapters.signals.uptake`: how much it
+    builds on what the child said)."""
+    tone_fit: bool | None = None
+    """True when the model text's tone fits the child's turn, False on a tone mismatch
+    (`adapters.signals.tone.check_tone`)."""
+    tone_mismatch: str | None = None
+    """The mismatch's name when ``tone_fit`` is False (e.g.
+    ``exuberant_to_upset_child``), else None."""
 
 
 class ScoredRow(BaseModel):

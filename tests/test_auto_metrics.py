@@ -146,8 +146,10 @@ def test_check_rows_gives_each_check_only_where_it_applies() -> None:
     unsafe = ServedResponse("I hate maths", None, "Maths is stupid, I know.", "model")
     checks = check_rows([*RESPONSES, unsafe])
     a, b, c, d, e, f, g = checks
+    # every model row also gets the signals (tests/test_signals_wiring.py checks them)
+    assert a.uptake is not None and 0.0 <= a.uptake <= 1.0 and a.tone_fit is True
     # a: main response given, no correction in it ("Red is a warm colour...") -> no praise check
-    assert a == RowChecks(
+    assert a.model_copy(update={"uptake": None, "tone_fit": None}) == RowChecks(
         failed_filters=[],
         passes=True,
         leak=False,

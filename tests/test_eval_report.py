@@ -298,11 +298,12 @@ def test_write_report_writes_every_file_self_contained_and_escaped(tmp_path: Pat
         "plots/bridging_scores.png",
         "plots/intent_scores.png",
         "plots/latency.png",
+        "plots/uptake.png",
         "report.html",
         "report.md",
         "summary.json",
     ]  # no temporary file left behind
-    for name in ("intent_scores", "bridging_scores", "latency"):
+    for name in ("intent_scores", "bridging_scores", "latency", "uptake"):
         _check_png(out / "plots" / f"{name}.png")
 
     saved = json.loads((out / "summary.json").read_text())
@@ -336,7 +337,12 @@ def test_write_report_writes_every_file_self_contained_and_escaped(tmp_path: Pat
     assert printed.count("\n| ") == 1 + 6  # header and the six headline figures
     assert printed.split("\n\n", 1)[1] in markdown
     assert markdown.index("too weak to trust") < markdown.index("## Headline")
-    for link in ("plots/intent_scores.png", "plots/bridging_scores.png", "plots/latency.png"):
+    for link in (
+        "plots/intent_scores.png",
+        "plots/bridging_scores.png",
+        "plots/latency.png",
+        "plots/uptake.png",
+    ):
         assert f"]({link})" in markdown
     assert "## Failed requests" in markdown and "| HTTP 503 | 1 |" in markdown
     assert "<script>" not in markdown
@@ -346,7 +352,7 @@ def test_write_report_writes_every_file_self_contained_and_escaped(tmp_path: Pat
     assert "<script" not in page.lower()
     assert "&lt;script&gt;" in page
     references = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page, flags=re.I)
-    assert len(references) == 3
+    assert len(references) == 4
     assert all(ref.startswith("data:image/png;base64,") for ref in references)
     assert "too weak to trust" in page and "per personality" in page.lower()
     assert "The 10 worst responses" in page and "intent reasoning 2" in page

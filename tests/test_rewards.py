@@ -82,6 +82,8 @@ def test_registry_names_are_the_logged_metric_names() -> None:
         "reward_no_praise_before_correction",
         "reward_no_question_when_main_asks",
         "reward_diverse_opener",
+        "reward_uptake",
+        "reward_tone_fit",
     ]
     for name, fn in REWARDS.items():
         assert fn.__name__ == name
@@ -100,7 +102,7 @@ def test_build_reward_funcs_weights_names_and_bound_arguments() -> None:
     # to import, and tests/test_grpo_tiny.py checks the logged names end to end).
     names = [(f.func if isinstance(f, functools.partial) else f).__name__ for f in funcs]
     assert names == [*REWARDS, JUDGE_NAME]
-    assert weights == [2.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5]
+    assert weights == [2.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.5]
     # The personality's word limit and the group size are bound in.
     assert score(funcs[0], ["Ooh, a red truck!"], user_turn="red", main_response=None) == [0.0]
     diverse = funcs[5]

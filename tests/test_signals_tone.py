@@ -138,3 +138,9 @@ def test_a_bad_label_file_names_the_line(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"labels.jsonl:2"):
         read_tone_labels(bad)
+
+
+def test_a_fire_truck_is_not_upsetting() -> None:
+    """VADER scores "fire" -1.4; a child talking about a fire truck is excited, not upset."""
+    check = check_tone("I saw a big red fire truck!", "Wow, how exciting!")
+    assert check.child_mood != "upset" and check.mismatch is None, check

@@ -18,7 +18,7 @@ Besides VADER's compound score, three small documented additions:
 
 - `LEXICON_ADDITIONS`: six words children say that VADER 3.3.2's lexicon lacks
   ("afraid", "nightmare", "ouch", "owie", "hehe", "yippee"), each valued like a close
-  word VADER already has.
+  word VADER already has, and "fire" made neutral ("fire truck").
 - `SYMPATHY_CUES`: "oh no", "oh dear", "sorry", "poor" make a response gloomy when it is
   not exuberant; VADER reads "Oh dear, I'm sorry" as positive (+0.32, from "dear").
 - An exclamation mark with no clear polarity makes a child's turn excited ("I can
@@ -102,7 +102,10 @@ SYMPATHY_CUES = ("oh no", "oh dear", "sorry", "poor")
 #: "afraid" like "scared" (-1.9) and "scary" (-2.2); "nightmare" like "scary";
 #: "ouch"/"owie" (pain) like "hurt" (-2.4) softened to "worried" (-1.2) and
 #: "lonely" (-1.5); "hehe" like "lol" (1.8); "yippee" like "woohoo" (2.3).
+#: One entry is neutralised: "fire" (-1.4 in VADER, from "fired") is what children say
+#: in "fire truck" and "fire engine", which made "I saw a big red fire truck!" upset.
 LEXICON_ADDITIONS: dict[str, float] = {
+    "fire": 0.0,
     "afraid": -2.0,
     "nightmare": -2.2,
     "ouch": -1.5,
