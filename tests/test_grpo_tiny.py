@@ -191,6 +191,8 @@ def test_grpo_logs_every_reward_and_writes_a_servable_adapter(
         "reward_no_praise_before_correction": 1.0,
         "reward_no_question_when_main_asks": 1.0,
         "reward_diverse_opener": 0.5,
+        "reward_tone_fit": 1.0,
+        "reward_uptake": 1.0,
         "reward_judge": 0.5,
     }
     assert set(card["rewards"]["first_step"]) == set(names)
