@@ -92,7 +92,6 @@ from adapters.train_config import (
 from adapters.training_output import (
     Progress,
     base_model_card,
-    file_sha256,
     partial_output_dir,
     progress_callback,
     run_card_fields,
@@ -102,7 +101,7 @@ from adapters.training_output import (
     write_log_history,
 )
 from service.adapter_validation import ADAPTER_CARD, ADAPTER_CONFIG, BaseModelInfo
-from service.atomic_files import swap_into_place
+from service.atomic_files import file_sha256, swap_into_place
 from service.personalities import Personality, load_personalities
 from service.text_checks import FilterLimits
 

@@ -75,12 +75,13 @@ with the versioned prompt `adapters/prompts/grpo-judge-v1.yaml`. A call that sti
 fails after its retries, or a reply without a usable score, scores 0.0 and is counted
 (`JudgeReward.failures`); the judge never raises into the training loop.
 
-Only the standard library, PyYAML and `service.text_checks` are imported at module
-level; the judge imports ``openai`` and ``tenacity`` on its first call, the signal
-rewards `adapters.signals` on theirs. `build_reward_funcs` loads the uptake model once
-(about 3 s; sentence-transformers, the ``signals`` extra, which ``train`` includes) and
-binds it into ``reward_uptake``; the model runs on the CPU or the GPU as
-sentence-transformers picks. No training stack (torch, trl) is imported here.
+At module level: the standard library, PyYAML, `service.text_checks`,
+`adapters.llm_calls` and `adapters.labels` (pydantic); the judge imports ``openai`` and
+``tenacity`` on its first call, the signal rewards `adapters.signals` on theirs.
+`build_reward_funcs` loads the uptake model once (about 3 s; sentence-transformers, the
+``signals`` extra, which ``train`` includes) and binds it into ``reward_uptake``; the
+model runs on the CPU or the GPU as sentence-transformers picks. No training stack
+(torch, trl) is imported here.
 """
 
 from __future__ import annotations

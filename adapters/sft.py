@@ -55,7 +55,6 @@ from adapters.train_config import SFTConfig, check_output_dir, resolve_target_mo
 from adapters.training_output import (
     Progress,
     base_model_card,
-    file_sha256,
     partial_output_dir,
     progress_callback,
     run_card_fields,
@@ -64,7 +63,7 @@ from adapters.training_output import (
     write_card,
     write_log_history,
 )
-from service.atomic_files import swap_into_place, umask
+from service.atomic_files import file_sha256, swap_into_place, umask
 from service.personalities import Personality, load_personalities
 from service.prompts import system_text
 

@@ -24,7 +24,6 @@ cheap.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from typing import Any
 
 from adapters.train_config import TrainingCommon
 from service.adapter_validation import ADAPTER_CARD, ADAPTER_CONFIG, MODEL_MARKER
-from service.atomic_files import fsync_dir, write_synced
+from service.atomic_files import file_sha256, fsync_dir, write_synced
 from service.prompts import PROMPT_VERSION
 
 Progress = Callable[[str], None]
@@ -49,15 +48,6 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets")
 """Libraries whose versions go into the card."""
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_name(model_dir: Path) -> str:

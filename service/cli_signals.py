@@ -208,11 +208,13 @@ def report(
     Rows: uptake (held-out Spearman with the human ratings of the Uptake data, next to
     plain cosine similarity; the low-uptake flag's precision and recall against "every
     rater rated low"), tone mismatch and contradiction (precision and recall against the
-    hand-labelled sets in tests/data/). Time per row: uptake's scoring of the held-out
-    pairs (embeddings included, model already loaded) per pair; for the labelled checks,
-    the evaluation call's wall time per labelled pair (file reading included).
+    labelled sets in tests/data/, written by an agent, not human raters). Time per row:
+    uptake's scoring of the held-out pairs (embeddings included, model already loaded)
+    per pair; for the labelled checks, the evaluation call's wall time per labelled pair
+    (file reading included).
 
-    Exit codes: 2 for a missing or unusable --data file or stale uptake weights.
+    Exit codes: 1 when a signal could not be measured (its row says why); 2 for a
+    missing or unusable --data file or stale uptake weights.
     """
     _need_signals_extra()
     from adapters.signals.uptake import UptakeDataError, UptakeWeightsError, evaluate_uptake
@@ -255,3 +257,5 @@ def report(
         typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(_markdown(rows))
+    if any("error" in row for row in rows):
+        raise typer.Exit(1)  # a signal could not be measured: the table is incomplete

@@ -409,8 +409,8 @@ _STRONG_CORRECTION = re.compile(
     | \bnot\s+exactly\b | \bincorrect\b | \bnot\s+(?:be\s+)?(?:the\s+)?(?:correct|right)\b
     | \b(?:isn't|aren't|wasn't)\s+(?:quite\s+)?(?:the\s+)?(?:correct|right)\b
     | (?<!not\s)\bwrong\b | \boops\b | \bnope\b
-    | ^\W*no\b(?![,.!]?\s+(?:problem|worries|(?:that's|that\s+is|you're|you\s+are)\s+
-         (?:right|correct|true|it)\b))
+    | ^\W*no\b(?![,.!]?\s+(?:problem|worries|doubt|kidding|no\b|yes\b
+         |(?:that's|that\s+is|you're|you\s+are)\s+(?:right|correct|true|it)\b))
     | \b(?:so|very|really|pretty|super)\s+close\b
     | \b(?:you're|you\s+are|that's|that\s+is|it's|it\s+is|you\s+were|was)\s+
          (?:so\s+|very\s+|really\s+)?close\b
@@ -506,14 +506,16 @@ def corrects_child(main_response: str, user_turn: str | None = None) -> bool:
     Cues (case-insensitive, curly apostrophes read as straight ones):
 
     - strong, always a correction: "almost", "not quite", "not yet", "try again",
-      "incorrect", "not (be) the correct/right", "wrong", "oops", a leading "No",
+      "incorrect", "not (be) the correct/right", "wrong", "oops", a leading "No" (not
+      "No problem/worries/doubt/kidding", "No, no", "No! Yes", "No, you're right"),
       "nope", "so/very close", "you're close", "good/great/nice (first) try",
       "let's check", "double-check", "are you sure", "would be correct if", negation
       ("no, that's ...", "that's not it/right/correct/true", "that isn't it",
       "don't think so") and "but we're looking for";
-    - weak, a correction only when the main response praises nothing (`praises_answer`):
-      "actually", "the (correct) answer is", "mistake", "careful" - so "Yes! The answer
-      is 12." is not a correction;
+    - weak, a correction only when the main response praises nothing (`praises_answer`)
+      and, with `user_turn`, names no number but the child's: "actually", "the
+      (correct) answer is", "mistake", "careful" - so "Yes! The answer is 12." and "The
+      answer is 120." after "120" are not corrections;
     - with `user_turn` only:
         - the child's number rejected by name ("50, not 5" after "5"), always;
         - a different number than the child's: the child said a number, the main
@@ -540,7 +542,10 @@ def corrects_child(main_response: str, user_turn: str | None = None) -> bool:
         return True
     praised = bool(_PRAISE.search(text))
     if _WEAK_CORRECTION.search(text) and not praised:
-        return True
+        # "The answer is 120." after "120" confirms the child's number
+        said = numbers(user_turn) if user_turn is not None else set()
+        if not (said and numbers(text) <= said):
+            return True
     if user_turn is None:
         return False
     return _corrects_by_user_turn(text, user_turn.translate(_APOSTROPHES), praised)

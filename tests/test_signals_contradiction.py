@@ -196,3 +196,24 @@ def test_no_contradiction_filter_uses_the_childs_turn() -> None:
         "Great job!", user_turn="60", main_response=main
     )
     assert "no_contradiction" not in failed_filters("Good try!", user_turn="44", main_response=main)
+
+
+@pytest.mark.parametrize(
+    ("main_response", "user_turn"),
+    [
+        ("No doubt about it, 10 is right!", "10"),
+        ("No kidding, you got it!", "5"),
+        ("No, no, you're right!", "5"),
+        ("No! Yes, that's correct!", "5"),
+        ("The answer is 120.", "120"),
+    ],
+)
+def test_a_leading_no_or_the_childs_own_number_is_no_correction(
+    main_response: str, user_turn: str
+) -> None:
+    assert not corrects_child(main_response, user_turn)
+
+
+def test_the_answer_is_another_number_still_corrects() -> None:
+    assert corrects_child("The answer is 12.", "120")
+    assert corrects_child("No, it is 7.", "5")

@@ -144,3 +144,21 @@ def test_a_fire_truck_is_not_upsetting() -> None:
     """VADER scores "fire" -1.4; a child talking about a fire truck is excited, not upset."""
     check = check_tone("I saw a big red fire truck!", "Wow, how exciting!")
     assert check.child_mood != "upset" and check.mismatch is None, check
+
+
+def test_only_the_first_symbols_are_scored() -> None:
+    """VADER's emoji handling grows faster than the text (500 emoji took 57 ms, 10,000
+    took 42 s), which the guard would spend on the event loop: a turn is scored on its
+    first MAX_SCORED_SYMBOLS symbols and MAX_SCORED_CHARS characters only."""
+    from adapters.signals.tone import MAX_SCORED_CHARS, MAX_SCORED_SYMBOLS, compound
+
+    sad = "\N{CRYING FACE}"
+    assert compound(sad * 500) == compound(sad * MAX_SCORED_SYMBOLS) < 0
+    assert compound("I am sad. " + "la " * 400) == compound(
+        ("I am sad. " + "la " * 400)[:MAX_SCORED_CHARS]
+    )
+
+
+def test_oh_no_way_is_not_gloomy() -> None:
+    assert check_tone("I won the race!", "Oh no way, you won!").mismatch is None
+    assert check_tone("I won the race!", "Oh no, that's sad.").mismatch == "gloomy_to_happy_child"

@@ -135,3 +135,21 @@ async def test_a_happy_child_keeps_an_exuberant_fallback() -> None:
     happy = FastResponseRequest(personality="cheerful", user_turn="I won the race!")
     answer = await _service(engine, Metrics(), tone_guard=True).respond(happy)
     assert answer.fast_response == "Wow, amazing!"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("tone_guard", "source"), [(True, "fallback"), (False, "model")])
+async def test_the_gateway_applies_the_setting(tone_guard: bool, source: str) -> None:
+    """`FASTRESP_TONE_GUARD` reaches the service the app builds (not only a hand-built one)."""
+    from tests.conftest import serve
+
+    settings = Settings(
+        personalities_file=TEST_DATA / "personalities.yaml", warm_up=False, tone_guard=tone_guard
+    )
+    engine = ScriptedEngine(["Yay! Awesome!", "Woohoo, hooray!"])
+    async with serve(settings, cast(Engine, engine)) as client:
+        reply = await client.post(
+            "/fast-response", json={"personality": "cheerful", "user_turn": SAD}
+        )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["source"] == source

@@ -6,9 +6,9 @@ A fast response contradicts the main response when it praises the child's answer
 try!") and neutral openers ("Hmm, let's see.") never contradict.
 
 The cues live in `service.text_checks` (`corrects_child`, `praises_answer`), where the
-service guard, the data filter ``no_contradiction``, the GRPO reward
-``reward_no_praise_before_correction`` and the evaluation metrics share them; this module
-only measures them.
+data filter ``no_contradiction``, the GRPO reward ``reward_no_praise_before_correction``
+and the evaluation metrics share them (the service guard does not check them); this
+module only measures them.
 
 Labelled set: `CONTRADICTION_LABELS`, 59 items of the Bridge data (Wang et al., 2024,
 "Bridging the Novice-Expert Gap via Models of Decision-Making: A Case Study on

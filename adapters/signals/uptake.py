@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.signals.scoring import PrecisionRecall
+from service.atomic_files import file_sha256
 from service.text_checks import content_words, numbers, word_tokens
 
 if TYPE_CHECKING:
@@ -253,15 +254,6 @@ def is_heldout(obs_id: str, salt: str = "") -> bool:
     """
     key = obs_id if not salt else f"{salt}:{obs_id}"
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 5 == 0
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -505,6 +497,12 @@ def _read_weights(path: Path) -> tuple[UptakeWeights, dict[str, Any]]:
         )
     if any(s <= 0 or not math.isfinite(s) for s in weights.scales):
         raise UptakeWeightsError(f"{path}: a feature scale is not positive; {hint}")
+    numbers = (*weights.means, *weights.coefficients, weights.intercept)
+    if not all(math.isfinite(v) for v in numbers):
+        raise UptakeWeightsError(f"{path}: a mean or coefficient is not finite; {hint}")
+    for section in ("data", "low_uptake"):
+        if not isinstance(document.get(section, {}), dict):
+            raise UptakeWeightsError(f"{path}: {section!r} is not an object; {hint}")
     return weights, document
 
 
@@ -674,6 +672,10 @@ def _counts(pr: PrecisionRecall) -> dict[str, Any]:
     }
 
 
+MIN_SPLIT_ROWS = 20
+"""Fewest rated rows `fit_uptake` accepts in each split (train, held out)."""
+
+
 def fit_uptake(csv: Path, out: Path, *, progress: Callable[[str], None] | None = None) -> UptakeFit:
     """Fit the uptake model on the TRAIN split, measure it on the held-out split, and
     write the weights file atomically.
@@ -710,6 +712,11 @@ def fit_uptake(csv: Path, out: Path, *, progress: Callable[[str], None] | None =
     ratings = np.asarray([r.uptake for r in rows], dtype=np.float64)
     heldout = np.asarray([is_heldout(r.obs_id) for r in rows])
     train = ~heldout
+    if min(int(train.sum()), int(heldout.sum())) < MIN_SPLIT_ROWS:
+        raise UptakeDataError(
+            f"{csv}: {int(train.sum())} train and {int(heldout.sum())} held-out rated rows; "
+            f"each split needs at least {MIN_SPLIT_ROWS} (the split is by obs_id)"
+        )
     say(f"fitting on {int(train.sum())} train exchanges, {int(heldout.sum())} held out")
     weights = _fit_weights(matrix[train], ratings[train])
     scores = weights.scores(matrix)
