@@ -468,7 +468,9 @@ def test_recording_rule_p95_matches_locust(
        starts, JSON encoding, event-loop and gevent scheduling), and Locust rounds times
        (whole ms under 100 ms, 10 ms under 1 s) before taking percentiles. Hence
        lo - r <= L <= hi + max(g) + r, where r is half Locust's rounding step and
-       max(g) the largest gap measured in this run (client_ms - server_ms per request).
+       max(g) the largest gap measured in this run (client_ms - server_ms per request),
+       widened to the server times within RANK_SLACK ranks of the 95th percentile
+       (Locust's percentile rank differs from nearest rank by one).
     """
     verdict = _verdict(load_run.out)
     samples = _latencies(load_run.out)
@@ -500,8 +502,14 @@ def test_recording_rule_p95_matches_locust(
     around = sorted(server_ms)[max(0, rank - 1 - RANK_SLACK) : rank + RANK_SLACK]
     assert any(lower * 1000 < ms <= upper * 1000 for ms in around), detail
     rounding = locust_rounding_ms(locust_p95_ms)
-    assert lower * 1000 - rounding <= locust_p95_ms, detail
-    assert locust_p95_ms <= upper * 1000 + max(gaps) + rounding, detail
+    # Locust's P95 is the (n - floor(0.95 n))-th largest time, nearest rank the
+    # ceil(0.95 n)-th smallest: one rank apart when 0.95 n is whole. With a tail (an
+    # adapter swap mid-run), neighbouring ranks can lie buckets apart (seen: 305 ms and
+    # 500 ms over 320 requests), so Locust's P95 is held to the same rank window.
+    low_ms = min(lower * 1000, *around)
+    high_ms = max(upper * 1000, *around)
+    assert low_ms - rounding <= locust_p95_ms, detail
+    assert locust_p95_ms <= high_ms + max(gaps) + rounding, detail
 
 
 # -- Grafana: every panel's query runs and returns data -------------------------------
