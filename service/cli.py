@@ -14,6 +14,7 @@ import typer
 from service.cli_adapters import app as adapters_app
 from service.cli_common import fail, load_settings
 from service.cli_data import app as data_app
+from service.cli_doctor import doctor as doctor_command
 from service.cli_eval import app as eval_app
 from service.cli_loadtest import loadtest as loadtest_command
 from service.cli_signals import app as signals_app
@@ -41,6 +42,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
 app.add_typer(signals_app, name="signals")
 app.command(name="loadtest")(loadtest_command)
+app.command(name="doctor")(doctor_command)
 
 
 @app.command()
