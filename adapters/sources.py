@@ -13,6 +13,9 @@ Readers (one per source kind, see `shared/data/README.md` for the raw formats):
   line; the format is in `read_export`'s docstring, an example in
   `tests/data/conversations.jsonl`).
 - `read_triples_jsonl`: JSON Lines of triples, e.g. written by an earlier stage.
+- `read_request_log`: the gateway's privacy-safe request log (`service/request_log.py`),
+  a file or a folder of them; it yields `RequestLogTriple`s, triples that also carry the
+  served fast response and its rating.
 
 Every reader yields `Triple`s lazily, strips surrounding whitespace from every text,
 turns empty optional texts into None, and skips bad rows instead of failing. Each
@@ -34,6 +37,12 @@ The export reader counts single turns as well as whole lines (see `read_export`)
 - ``unknown_role``: a turn whose ``role`` is neither ``pika`` nor ``user``.
 - ``wrong_role_order``: a child's turn that has no Pika turn right before it or right
   after it (the conversation opens or ends with the child).
+
+The request-log reader counts two more (see `read_request_log`):
+
+- ``unknown_type``: a line whose ``type`` is neither ``served`` nor ``rating``.
+- ``unmatched_rating``: a rating whose served line is not in the files read (rotated
+  away, or written to a folder not read).
 
 A problem with the whole file (not found, not JSON, a Bridge file that is not a list,
 a CSV without the needed columns) raises instead: `FileNotFoundError` or
@@ -58,7 +67,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-SourceKind = Literal["bridge", "uptake", "export", "jsonl"]
+SourceKind = Literal["bridge", "uptake", "export", "jsonl", "request-log"]
 """The source formats `load_triples` understands."""
 
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
@@ -78,6 +87,8 @@ SkipReason = Literal[
     "empty_turn",
     "unknown_role",
     "wrong_role_order",
+    "unknown_type",
+    "unmatched_rating",
 ]
 
 DEFAULT_SOURCE_PATHS: Mapping[str, Path] = MappingProxyType(
@@ -88,7 +99,7 @@ DEFAULT_SOURCE_PATHS: Mapping[str, Path] = MappingProxyType(
 )
 """Default file per source kind, relative to the current directory (the project root
 when run from there, where the shared data sits at `../shared/data`). `export` and
-`jsonl` have none."""
+`jsonl` and `request-log` have none."""
 
 UPTAKE_COLUMNS = ("obs_id", "exchange_idx", "student_text", "teacher_text")
 """Columns of the uptake CSV that `read_uptake` needs."""
@@ -594,6 +605,143 @@ def read_triples_jsonl(path: Path, skipped: SkipCounts | None = None) -> TripleS
     return _dedup(_read_jsonl(path, skipped), skipped)
 
 
+# --- the gateway's request log ---------------------------------------------------------
+
+REQUEST_LOG_SOURCE = "request-log"
+"""The ``source`` of every served line of the request log."""
+
+REQUEST_LOG_GLOB = "requests-*.jsonl"
+"""Names of request-log files in a folder (`read_request_log` reads only these)."""
+
+
+class RequestLogTriple(Triple):
+    """A triple from the request log: the served moment plus what was served and rated.
+
+    The six `Triple` fields come first and mean the same, so the extra fields ride along
+    wherever a triple goes (`fastresp data triples` writes them; the triple readers ignore
+    them). ``source`` is always ``request-log``, so where the answer came from is
+    `served_from`. Rows with a `rating` are evaluation data: a child (or a parent) judged
+    `fast_response` for this moment.
+    """
+
+    fast_response: str | None = None
+    """The fast response served (redacted like every text of the log)."""
+    served_from: Literal["model", "cache", "fallback"] | None = None
+    """The response's own ``source``: generated now, a cached answer, or a fallback phrase.
+    Renamed because ``source`` is the triple's origin."""
+    personality: str | None = None
+    """The personality that answered."""
+    adapter_version: str | None = None
+    """The LoRA adapter version that answered; None for the base model."""
+    latency_ms: float | None = None
+    """Time the gateway spent on the request, in milliseconds."""
+    rating: int | None = None
+    """The 1-5 satisfaction rating (`POST /feedback`); the last one when rated twice;
+    None when never rated."""
+    rating_comment: str | None = None
+    """The rating's comment, redacted; None when there is none."""
+
+
+def _request_log_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob(REQUEST_LOG_GLOB))
+        if not files:
+            raise SourceFormatError(f"{path}: no request-log files ({REQUEST_LOG_GLOB}) in it")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    return [path]
+
+
+def _rating_of(obj: dict[str, Any]) -> tuple[str, int, str | None]:
+    """(request id, rating, comment) of a rating line; `_Skip` when malformed."""
+    request_id, rating, comment = obj.get("request_id"), obj.get("rating"), obj.get("comment")
+    if request_id is None or rating is None:
+        raise _Skip("missing_field")
+    if not isinstance(request_id, str) or not request_id.strip():
+        raise _Skip("wrong_type" if not isinstance(request_id, str) else "missing_field")
+    if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
+        raise _Skip("wrong_type")
+    if comment is not None and not isinstance(comment, str):
+        raise _Skip("wrong_type")
+    return request_id.strip(), rating, (comment.strip() or None) if comment else None
+
+
+_TRIPLE_FIELDS = frozenset(RequestLogTriple.model_fields) - {"rating", "rating_comment"}
+
+
+def _read_request_log(path: Path, skipped: SkipCounts | None) -> TripleStream:
+    files = _request_log_files(path)
+    # Pass 1: the ratings (a rating may sit in another worker's file, or a later one).
+    ratings: dict[str, tuple[int, str | None]] = {}
+    for file in files:
+        for obj in _json_objects(file, None):  # bad lines are counted in pass 2
+            if obj.get("type") != "rating":
+                continue
+            try:
+                request_id, rating, comment = _rating_of(obj)
+            except _Skip as skip:
+                _count(skipped, skip.reason)
+                continue
+            ratings[request_id] = (rating, comment)  # a later rating replaces the earlier
+    # Pass 2: the served lines, with their rating joined on the request id.
+    served: set[str] = set()
+    for file in files:
+        for obj in _json_objects(file, skipped):
+            kind = obj.get("type")
+            if kind == "rating":
+                continue
+            if kind != "served":
+                _count(skipped, "unknown_type")
+                continue
+            fields = {key: value for key, value in obj.items() if key in _TRIPLE_FIELDS}
+            served_id = obj.get("request_id", obj.get("id"))
+            if isinstance(served_id, str) and served_id in ratings:
+                served.add(served_id)
+                fields["rating"], fields["rating_comment"] = ratings[served_id]
+            try:
+                yield RequestLogTriple.model_validate(fields)
+            except ValidationError as exc:
+                _count(skipped, _classify(exc))
+    for _ in ratings.keys() - served:
+        _count(skipped, "unmatched_rating")
+
+
+def read_request_log(path: Path, skipped: SkipCounts | None = None) -> TripleStream:
+    """Triples from the gateway's request log (`service/request_log.py`).
+
+    `path` is one log file or a folder; from a folder every ``requests-*.jsonl`` file is
+    read (the active file of each worker and its rotated ones), in name order, which is
+    time order per worker. Each file holds two kinds of JSON line::
+
+        {"type": "served", "id": request_id, "source": "request-log",
+         "lesson_id": hashed session id | null, "pika_turn": ..., "user_turn": ...,
+         "main_response": ..., "fast_response": ..., "served_from": "model" | "cache" |
+         "fallback", "adapter_version": ..., "latency_ms": ..., "request_id": ...,
+         "personality": ..., "ts": ISO 8601 UTC}
+        {"type": "rating", "request_id": ..., "rating": 1-5, "comment": ... | null,
+         "ts": ...}
+
+    Every served line becomes one `RequestLogTriple`, with the rating of its request
+    (the last rating line for it, in any of the files read) joined in. Texts are as
+    logged, i.e. already redacted. Bad lines are skipped and counted like
+    `read_triples_jsonl` does, plus ``unknown_type`` and ``unmatched_rating``; a torn
+    last line (a killed worker) counts as ``invalid_json``.
+
+    Args:
+        path: A request-log file, or the log folder (`request_log_dir`).
+        skipped: Optional counter that gets one count per skipped line, by reason.
+
+    Yields:
+        One `RequestLogTriple` per served line, in file order.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (raised on first iteration).
+        SourceFormatError: `path` is a folder without request-log files.
+    """
+    return _dedup(_read_request_log(path, skipped), skipped)
+
+
 def load_triples(
     source: SourceKind,
     path: Path,
@@ -603,8 +751,8 @@ def load_triples(
     """Read up to `limit` triples of the given source kind.
 
     Args:
-        source: ``bridge``, ``uptake``, ``export`` or ``jsonl``.
-        path: The source file.
+        source: ``bridge``, ``uptake``, ``export``, ``jsonl`` or ``request-log``.
+        path: The source file (``request-log``: a file or a folder of them).
         limit: Stop after this many triples; None reads them all. Rows after the
             limit are not read, so they are not counted in `skipped` either.
         skipped: Optional counter that gets one count per skipped row, by reason.
@@ -627,6 +775,8 @@ def load_triples(
         triples = read_export(path, skipped)
     elif source == "jsonl":
         triples = read_triples_jsonl(path, skipped)
+    elif source == "request-log":
+        triples = read_request_log(path, skipped)
     else:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCE_KINDS)}")
     result: list[Triple] = []

@@ -19,12 +19,13 @@ from service.adapter_validation import BaseModelInfo
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
 from service.fast_response import FastResponseService
+from service.feedback import FeedbackService, open_feedback_store
 from service.guard import check_tone_fit
 from service.logs import configure_logging
 from service.metrics import NO_SOURCE, UNKNOWN_PERSONALITY, Metrics, outcome_of, personality_of
 from service.personalities import load_personalities
 from service.registry_store import open_registry_store
-from service.routes import router
+from service.routes import RequestLogHook, router
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,15 @@ class RequestOutcomes:
         metrics.requests.labels(personality, NO_SOURCE, outcome_of(status)).inc()
 
 
+def open_request_log(settings: Settings) -> RequestLogHook | None:
+    """The request log (`service.request_log`) for `settings`, or None when it is off
+    (`request_log_dir` unset). Imported on first use: most gateways run without it."""
+    from service.request_log import RequestLog
+
+    request_log: RequestLogHook | None = RequestLog.from_settings(settings)
+    return request_log
+
+
 async def start_engine(settings: Settings) -> Engine:
     """Connect to the remote vLLM servers in `settings.engine_urls`, or, when there are
     none, start the in-process vLLM engine on `settings.resolved_model()` (imports vLLM).
@@ -199,6 +209,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         AdapterRejected, AdapterLoadFailed: a configured adapter (from the manifest,
             the published-adapter store or the shared registry) failed validation or
             loading.
+        FeedbackUnavailable: the feedback database (SQLite, without Redis) cannot be
+            created or opened.
     """
 
     @asynccontextmanager
@@ -216,6 +228,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             base_model = await asyncio.to_thread(BaseModelInfo.from_dir, settings.resolved_model())
             metrics = Metrics()
             stack.callback(metrics.close)
+            feedback = FeedbackService(await open_feedback_store(settings), metrics)
+            stack.push_async_callback(feedback.close)
+            request_log = await asyncio.to_thread(open_request_log, settings)
+            if request_log is not None:
+                stack.callback(request_log.close)
             redis_client = None
             if settings.redis_url:
                 import redis.asyncio as redis
@@ -243,6 +260,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             app.state.engine = running
             app.state.redis = redis_client
             app.state.metrics = metrics
+            app.state.feedback = feedback
+            app.state.request_log = request_log
             app.state.registry = registry
             app.state.service = FastResponseService(
                 running,

@@ -446,14 +446,20 @@ def triples(
         list[str],
         typer.Option(
             metavar="KIND",
-            help="Source kind: bridge, uptake, export (the product's conversation export) "
-            "or jsonl (triples). Repeat it, each followed by its PATH: "
-            "--source bridge train.json --source uptake uptake_data.csv.",
+            help="Source kind: bridge, uptake, export (the product's conversation export), "
+            "jsonl (triples) or request-log (the gateway's redacted request log, "
+            "FASTRESP_REQUEST_LOG_DIR: a log file or the whole folder; ratings are joined "
+            "in, so each triple also carries fast_response, served_from, personality, "
+            "adapter_version, latency_ms, rating and rating_comment). Repeat it, each "
+            "followed by its PATH: --source bridge train.json --source request-log logs/.",
         ),
     ],
     paths: Annotated[
         list[Path],
-        typer.Argument(metavar="PATH...", help="One source file per --source, in order."),
+        typer.Argument(
+            metavar="PATH...",
+            help="One source file per --source, in order (request-log: a file or a folder).",
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Triples JSON Lines file to write (atomically).")],
 ) -> None:
@@ -463,6 +469,9 @@ def triples(
     stable and unique across the run (a repeated id is skipped as duplicate_id). Bad
     source rows are skipped and counted by reason. Exit code: 0 when triples were
     written, 1 when no source gave any (nothing written), 2 for bad arguments.
+
+    Rated request-log rows are evaluation data: filter the output on `rating` (e.g.
+    `jq -c 'select(.rating != null)'`); the other readers ignore the extra fields.
     """
     from collections import Counter
     from typing import cast
@@ -481,6 +490,8 @@ def triples(
                 f"--source: unknown source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}"
             )
     for kind, path in zip(source, paths, strict=True):
+        if kind == "request-log" and path.is_dir():
+            continue  # a log folder: every requests-*.jsonl in it
         if not path.is_file():
             _data_fail(f"--source {kind}: no such file: {path}")
     if out.is_dir():
@@ -497,7 +508,7 @@ def triples(
     for report in reports:
         total_skipped.update(report.skipped)
         skips = ", ".join(f"{r} {n}" for r, n in sorted(report.skipped.items())) or "none"
-        typer.echo(f"{report.kind:<7} {report.path}: {report.triples} triple(s); skipped: {skips}")
+        typer.echo(f"{report.kind:<11} {report.path}: {report.triples} triple(s); skipped: {skips}")
     if not collected:
         _data_fail("--source: no usable triples in any source; nothing written", code=1)
     try:

@@ -24,12 +24,14 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
 #: The environment variable that switches prometheus-client to multi-process mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -55,6 +57,10 @@ NO_SOURCE = "none"
 #: `fastresp_active_adapter_info` labels of a personality served by the base model.
 BASE_ADAPTER = "none"
 BASE_VERSION = "base"
+
+#: The ratings `POST /feedback` accepts, which are also the buckets of
+#: `fastresp_feedback_rating` (one bucket per rating, then +Inf).
+RATINGS = (1, 2, 3, 4, 5)
 
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
@@ -144,6 +150,74 @@ def personality_of(body: bytes, known: Collection[str]) -> str:
         return UNKNOWN_PERSONALITY
     name = parsed.get("personality") if isinstance(parsed, dict) else None
     return name if isinstance(name, str) and name in known else UNKNOWN_PERSONALITY
+
+
+class RatingHistogram(Collector):
+    """`fastresp_feedback_rating{personality, adapter_version}`: the satisfaction ratings
+    of served fast responses, one per rated request (its latest rating), from 1 to 5.
+
+    Not observed as ratings arrive: a rating that replaces an earlier one must move the
+    request from one bucket to another, which a prometheus-client `Histogram` cannot.
+    The values are the feedback store's counts (`FeedbackStore.rating_counts`), set with
+    `update` before each exposition, so in multi-worker mode every worker shows the same
+    totals of the shared store. `_count` only grows (new rated requests); `_sum` and the
+    buckets may also fall when a rating is replaced by a lower one, so query them as
+    gauges (`_sum / _count` is the mean rating), not through `rate()`.
+
+    `adapter_version` is the version of the adapter that answered, or `base` for the
+    base model. Labels never hold a request id, a comment or any child text.
+    """
+
+    name = "fastresp_feedback_rating"
+    documentation = (
+        "Satisfaction ratings (1-5) of served fast responses from POST /feedback, by "
+        "personality and the adapter version that answered (base: the base model); each "
+        "rated request counts once, with its latest rating. Computed from the feedback "
+        "store at scrape time: use _sum / _count, not rate()."
+    )
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], list[int]] = {}
+
+    def update(self, counts: Mapping[tuple[str, str | None, int], int]) -> None:
+        """Replace the values with `counts`: (personality, adapter version or None for
+        the base model, rating 1-5) -> number of requests with that rating.
+
+        Raises:
+            ValueError: a rating outside 1-5 or a negative count (nothing is changed).
+        """
+        fresh: dict[tuple[str, str], list[int]] = {}
+        for (personality, version, rating), count in counts.items():
+            if rating not in RATINGS or count < 0:
+                raise ValueError(
+                    f"rating counts: rating {rating!r} with count {count!r} "
+                    f"(ratings are 1-5, counts >= 0)"
+                )
+            label = (personality, version if version is not None else BASE_VERSION)
+            fresh.setdefault(label, [0] * len(RATINGS))[rating - 1] += count
+        self._counts = fresh
+
+    def collect(self) -> Iterable[Metric]:
+        """The histogram family: cumulative buckets `le` 1..5 and +Inf, `_sum`, `_count`."""
+        family = HistogramMetricFamily(
+            self.name, self.documentation, labels=["personality", "adapter_version"]
+        )
+        for (personality, version), per_rating in sorted(self._counts.items()):
+            buckets: list[tuple[str, float]] = []
+            cumulative = 0
+            for rating, count in zip(RATINGS, per_rating, strict=True):
+                cumulative += count
+                buckets.append((str(float(rating)), cumulative))
+            buckets.append(("+Inf", cumulative))
+            total = sum(r * c for r, c in zip(RATINGS, per_rating, strict=True))
+            family.add_metric([personality, version], buckets, total)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        """The family without samples, so the registry reserves its names."""
+        yield HistogramMetricFamily(
+            self.name, self.documentation, labels=["personality", "adapter_version"]
+        )
 
 
 class Metrics:
@@ -236,6 +310,8 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        self.feedback_ratings = RatingHistogram()
+        self.registry.register(self.feedback_ratings)
 
     def set_active_adapter(self, personality: str, adapter: str, version: str) -> None:
         """Make (`adapter`, `version`) the one `fastresp_active_adapter_info` series of
@@ -262,12 +338,15 @@ class Metrics:
         Single process: this registry, then the default registry (the in-process vLLM
         engine's collectors). Multi-process: the sum over every worker's files (dead
         workers' live gauges dropped first); vLLM runs remotely there and exposes its own.
+        Both include `fastresp_feedback_rating` as last set by `feedback_ratings.update`
+        (computed from the shared feedback store, so not summed over workers).
         """
         if self.multiprocess_dir is None:
             return _generate_latest(self.registry) + _generate_latest(REGISTRY)
         mark_dead_workers(self.multiprocess_dir)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        registry.register(self.feedback_ratings)
         return _generate_latest(registry)
 
     def close(self) -> None:

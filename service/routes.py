@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import logging
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -11,8 +12,35 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.engine import Engine
 from service.errors import EngineUnavailable
 from service.fast_response import FastResponseService
+from service.feedback import FeedbackService, clean_comment
 from service.metrics import Metrics
-from service.schemas import ErrorResponse, FastResponseRequest, FastResponseResponse, Health
+from service.schemas import (
+    ErrorResponse,
+    FastResponseRequest,
+    FastResponseResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    Health,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RequestLogHook(Protocol):
+    """What the routes call on the request log (`service.request_log.RequestLog`), which
+    is `app.state.request_log` when the request log is on, else None."""
+
+    def record_served(self, request: FastResponseRequest, response: FastResponseResponse) -> None:
+        """Write one answered request."""
+        ...
+
+    def record_rating(self, request_id: str, rating: int, comment: str | None) -> None:
+        """Write the rating of an answered request."""
+        ...
+
+    def close(self) -> None:
+        """Flush and close the log files (at shutdown)."""
+        ...
 
 
 async def get_service(request: Request) -> FastResponseService:
@@ -37,9 +65,23 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_feedback(request: Request) -> FeedbackService:
+    """The app's FeedbackService (set by the lifespan)."""
+    feedback: FeedbackService = request.app.state.feedback
+    return feedback
+
+
+async def get_request_log(request: Request) -> RequestLogHook | None:
+    """The app's request log, or None when it is off (set by the lifespan)."""
+    request_log: RequestLogHook | None = getattr(request.app.state, "request_log", None)
+    return request_log
+
+
 ServiceDep = Annotated[FastResponseService, Depends(get_service)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
+RequestLogDep = Annotated[RequestLogHook | None, Depends(get_request_log)]
 
 router = APIRouter()
 
@@ -51,9 +93,49 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/fast-response", response_model=FastResponseResponse, responses=_ERRORS)
-async def fast_response(body: FastResponseRequest, service: ServiceDep) -> FastResponseResponse:
-    """One short, warm reaction to the child's turn, within the deadline."""
-    return await service.respond(body)
+async def fast_response(
+    body: FastResponseRequest,
+    service: ServiceDep,
+    feedback: FeedbackDep,
+    request_log: RequestLogDep,
+) -> FastResponseResponse:
+    """One short, warm reaction to the child's turn, within the deadline. The answer can
+    be rated with `POST /feedback` by its `request_id`."""
+    response = await service.respond(body)
+    await feedback.remember(response)
+    if request_log is not None:
+        try:
+            request_log.record_served(body, response)
+        except Exception:  # the child's answer does not depend on the log
+            logger.exception("request log: could not record request %s", response.request_id)
+    return response
+
+
+_FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {
+        "model": ErrorResponse,
+        "description": "No fast response was served with this request_id within the "
+        "feedback TTL (`FASTRESP_FEEDBACK_TTL_S`, default 7 days).",
+    },
+    413: {"model": ErrorResponse, "description": "Request body over 64 KB."},
+    422: {"model": ErrorResponse, "description": "Bad input; `loc` names the field."},
+    503: {"model": ErrorResponse, "description": "The feedback store cannot be reached."},
+}
+
+
+@router.post("/feedback", response_model=FeedbackResponse, responses=_FEEDBACK_ERRORS)
+async def feedback(
+    body: FeedbackRequest, feedback: FeedbackDep, request_log: RequestLogDep
+) -> FeedbackResponse:
+    """Rate one served fast response from 1 to 5, with an optional comment. A second
+    rating of the same request replaces the first."""
+    stored = await feedback.rate(body)
+    if request_log is not None:
+        try:
+            request_log.record_rating(body.request_id, stored.rating, clean_comment(body.comment))
+        except Exception:  # the rating is stored; the log is secondary
+            logger.exception("request log: could not record the rating of %s", body.request_id)
+    return stored
 
 
 @router.get("/personalities")
@@ -105,9 +187,11 @@ async def readyz(request: Request, engine: EngineDep) -> Response:
 
 
 @router.get("/metrics")
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(metrics: MetricsDep, feedback: FeedbackDep) -> Response:
     """Prometheus exposition. One process: the gateway's `fastresp_*` collectors, then
     the in-process vLLM engine's `vllm:*` collectors (which vLLM registers on the default
     registry). Several workers (`fastresp serve --workers N`): the `fastresp_*` totals
-    of all workers together."""
+    of all workers together. `fastresp_feedback_rating` is read from the feedback store
+    at each scrape."""
+    await feedback.refresh_metrics()
     return Response(content=metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

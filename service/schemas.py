@@ -3,7 +3,8 @@
 Length limits, in characters:
 - `pika_turn` 1,000: the longest Bridge tutor turn is 162;
 - `user_turn` 500: a child's spoken turn; the longest Bridge student turn is 268;
-- `main_response` 2,000: a tutor's full answer.
+- `main_response` 2,000: a tutor's full answer;
+- feedback `comment` 1,000: a parent's or teacher's remark on one answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 MAX_PIKA_TURN_CHARS = 1000
 MAX_USER_TURN_CHARS = 500
 MAX_MAIN_RESPONSE_CHARS = 2000
+MAX_FEEDBACK_COMMENT_CHARS = 1000
 
 Source = Literal["model", "cache", "fallback"]
 
@@ -65,6 +67,36 @@ class FastResponseResponse(BaseModel):
     latency_ms: float
     """Time spent in the gateway for this request, in milliseconds."""
     request_id: str
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /feedback` body: a satisfaction rating of one served fast response.
+    Unknown fields are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    request_id: Identifier
+    """The `request_id` of the `/fast-response` answer being rated. An id never served,
+    or served longer ago than the feedback TTL (`FASTRESP_FEEDBACK_TTL_S`), gets 404."""
+    rating: Annotated[int, Field(ge=1, le=5)]
+    """Satisfaction from 1 (poor) to 5 (great); an integer (not `4.5`, `"4"` or `true`)."""
+    comment: Annotated[str, Field(max_length=MAX_FEEDBACK_COMMENT_CHARS)] | None = None
+    """Optional free text, at most 1,000 characters; blank text is stored as no comment.
+    It is stored with the rating, never put in a metric label or a log line."""
+
+
+class FeedbackResponse(BaseModel):
+    """`POST /feedback` answer: the stored rating and the answer it refers to."""
+
+    request_id: str
+    rating: int
+    personality: str
+    adapter_version: str | None
+    """Version of the LoRA adapter that gave the rated answer; None for the base model."""
+    source: Source
+    replaced: bool
+    """True when this rating replaced an earlier rating of the same request (a request
+    is counted once, with its latest rating)."""
 
 
 class ErrorDetail(BaseModel):

@@ -192,6 +192,44 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
 
+    # --- Satisfaction feedback, `POST /feedback` (issue 10, service/feedback.py) ---
+
+    feedback_ttl_s: float = Field(default=7 * 24 * 3600, gt=0.0, le=366 * 24 * 3600)
+    """Seconds after a fast response is served during which it can be rated; later (or
+    for an id never served) `POST /feedback` answers 404. Default: 7 days."""
+
+    feedback_db: Path | None = None
+    """SQLite file of the feedback store when `redis_url` is not set (WAL mode, shared
+    safely by the gateway workers of one host). None: `<cache_dir>/feedback.sqlite3`."""
+
+    feedback_stream_maxlen: int = Field(default=100_000, ge=100)
+    """With `redis_url`: approximate length bound of the ratings stream
+    (`<redis_key_prefix>:feedback:ratings`, `XADD MAXLEN ~`); older entries are trimmed.
+    The rating histogram is kept apart and is not trimmed."""
+
+    # --- Privacy-safe request log for the data flywheel (issue 10, service/request_log.py) ---
+
+    request_log_dir: Path | None = None
+    """Folder of the request log (env `FASTRESP_REQUEST_LOG_DIR`): one redacted JSON line
+    per served fast response, one file per worker process. None (the default): off."""
+
+    request_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    """Size in bytes at which a worker's request-log file is rotated (renamed with a UTC
+    timestamp) and a new one started. Default: 10 MiB."""
+
+    request_log_retention_days: float = Field(default=30.0, gt=0.0, le=3650.0)
+    """Rotated request-log files older than this many days (by modification time) are
+    deleted at each rotation and at startup. Default: 30 days."""
+
+    request_log_hash_key: SecretStr | None = None
+    """HMAC-SHA256 key that turns session ids into the log's `lesson_id`. None: a random
+    32-byte key made once in `<request_log_dir>/hmac.key` (mode 0600) and shared by every
+    worker using that folder; set one key to link sessions across folders or hosts."""
+
+    request_log_phone_regions: str = Field(default="US,GB", pattern=r"^[A-Z]{2}(,[A-Z]{2})*$")
+    """Regions (comma-separated ISO codes) whose national phone formats are redacted from
+    the request log; numbers with a leading `+` are redacted whatever this is."""
+
     @field_validator("max_lora_rank", mode="before")
     @classmethod
     def _rank_from_env(cls, value: object) -> object:

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,14 @@ import pytest_asyncio
 from service.app import create_app
 from service.engine import Engine
 from service.settings import Settings
+
+# Every gateway the tests build, in this process or as `fastresp serve` subprocesses,
+# remembers answers for POST /feedback; not in the developer's
+# ~/.cache/pika-fastresp/feedback.sqlite3. Tests of the store pass their own file.
+os.environ.setdefault(
+    "FASTRESP_FEEDBACK_DB",
+    str(Path(tempfile.mkdtemp(prefix="fastresp-tests-feedback-")) / "feedback.sqlite3"),
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO_ROOT / "tests" / "data"
