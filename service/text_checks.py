@@ -544,7 +544,8 @@ def corrects_child(main_response: str, user_turn: str | None = None) -> bool:
     if _WEAK_CORRECTION.search(text) and not praised:
         # "The answer is 120." after "120" confirms the child's number
         said = numbers(user_turn) if user_turn is not None else set()
-        if not (said and numbers(text) <= said):
+        named = numbers(text)
+        if not (said and named and named <= said):
             return True
     if user_turn is None:
         return False

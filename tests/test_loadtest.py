@@ -280,7 +280,8 @@ def load_run(
     """One 20 s Locust run with easy thresholds, scraped by Prometheus, with one adapter
     hot swap in its middle (so the adapter panels have data for the settled time).
 
-    Before it: a few requests per personality, then a wait for two scrapes. Prometheus'
+    Before it: a few requests per personality, each rated through POST /feedback (the
+    satisfaction panels), then a wait for two scrapes. Prometheus'
     rate() only counts increases after a series' first scrape, so requests made before a
     series is first scraped are invisible to it; priming the series first makes the
     histogram's windowed counts and Locust's count the same requests.
@@ -291,9 +292,13 @@ def load_run(
     adapter = make_random_lora(tiny_model_dir, workdir / "adapter-v1", version="v1", rank=8)
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
         for personality in PERSONALITIES:
-            for _ in range(3):
+            for rating in (5, 4, 3):
                 body = {"personality": personality, "user_turn": "Red!", "pika_turn": "Colour?"}
-                assert client.post("/fast-response", json=body).status_code == 200
+                answer = client.post("/fast-response", json=body)
+                assert answer.status_code == 200
+                # rated, so the dashboard's satisfaction panels have data too
+                feedback = {"request_id": answer.json()["request_id"], "rating": rating}
+                assert client.post("/feedback", json=feedback).status_code == 200
     primed_at = time.time()
     _wait_until(
         lambda: prometheus.query(f'timestamp(up{{job="{GATEWAY_JOB}"}}) > {primed_at + 1}'),

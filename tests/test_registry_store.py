@@ -311,6 +311,10 @@ async def test_revisions_keep_increasing_after_redis_loses_its_data(redis_url: s
     try:
         before = await store.publish("bubbles", "/adapters/bubbles/1", "1")
         await raw.delete(store.hash_key, store.revision_key)  # a restart without persistence
+        # The counter is re-seeded from the clock in ms, which the contract (see
+        # _PUBLISH_LUA) bounds to fewer than 1000 changes a second: both publishes in one
+        # millisecond gave the same revision on a fast CI run.
+        await asyncio.sleep(0.005)
         after = await store.publish("bubbles", "/adapters/bubbles/2", "2")
         assert after.revision > before.revision
     finally:

@@ -217,3 +217,9 @@ def test_a_leading_no_or_the_childs_own_number_is_no_correction(
 def test_the_answer_is_another_number_still_corrects() -> None:
     assert corrects_child("The answer is 12.", "120")
     assert corrects_child("No, it is 7.", "5")
+
+
+def test_a_weak_cue_without_a_number_still_corrects() -> None:
+    """"Actually, let's count again." names no number: the child's own number cannot
+    excuse it (a bug of the first version of the number rule)."""
+    assert corrects_child("Actually, let's count again.", "12")
