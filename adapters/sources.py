@@ -670,24 +670,41 @@ def _rating_of(obj: dict[str, Any]) -> tuple[str, int, str | None]:
 _TRIPLE_FIELDS = frozenset(RequestLogTriple.model_fields) - {"rating", "rating_comment"}
 
 
+def _ts(obj: dict[str, Any]) -> str:
+    """The line's ``ts`` for ordering (ISO 8601 UTC strings sort by time); "" if none."""
+    ts = obj.get("ts")
+    return ts if isinstance(ts, str) else ""
+
+
 def _read_request_log(path: Path, skipped: SkipCounts | None) -> TripleStream:
     files = _request_log_files(path)
-    # Pass 1: the ratings (a rating may sit in another worker's file, or a later one).
-    ratings: dict[str, tuple[int, str | None]] = {}
-    for file in files:
-        for obj in _json_objects(file, None):  # bad lines are counted in pass 2
-            if obj.get("type") != "rating":
+    # Pass 1: the ratings (a rating may sit in another worker's file, or a later one) and,
+    # per request id, which served line wins: the latest by ``ts``, the later read on a tie.
+    ratings: dict[str, tuple[str, int, str | None]] = {}
+    winners: dict[str, tuple[str, int, int]] = {}
+    for file_no, file in enumerate(files):
+        for line_no, obj in enumerate(_json_objects(file, None)):  # counted in pass 2
+            kind = obj.get("type")
+            if kind == "served":
+                served_id = obj.get("request_id", obj.get("id"))
+                if isinstance(served_id, str):
+                    spot = (_ts(obj), file_no, line_no)
+                    winners[served_id] = max(winners.get(served_id, spot), spot)
+                continue
+            if kind != "rating":
                 continue
             try:
                 request_id, rating, comment = _rating_of(obj)
             except _Skip as skip:
                 _count(skipped, skip.reason)
                 continue
-            ratings[request_id] = (rating, comment)  # a later rating replaces the earlier
-    # Pass 2: the served lines, with their rating joined on the request id.
+            ts = _ts(obj)
+            if request_id not in ratings or ts >= ratings[request_id][0]:
+                ratings[request_id] = (ts, rating, comment)  # the latest rating wins
+    # Pass 2: the winning served lines, with their rating joined on the request id.
     served: set[str] = set()
-    for file in files:
-        for obj in _json_objects(file, skipped):
+    for file_no, file in enumerate(files):
+        for line_no, obj in enumerate(_json_objects(file, skipped)):
             kind = obj.get("type")
             if kind == "rating":
                 continue
@@ -696,9 +713,16 @@ def _read_request_log(path: Path, skipped: SkipCounts | None) -> TripleStream:
                 continue
             fields = {key: value for key, value in obj.items() if key in _TRIPLE_FIELDS}
             served_id = obj.get("request_id", obj.get("id"))
-            if isinstance(served_id, str) and served_id in ratings:
-                served.add(served_id)
-                fields["rating"], fields["rating_comment"] = ratings[served_id]
+            if isinstance(served_id, str):
+                if winners[served_id][1:] != (file_no, line_no):
+                    _count(skipped, "duplicate_id")  # a reused id: a later line wins
+                    continue
+                rated = ratings.get(served_id)
+                # A rating older than the winning line rated an earlier answer (a line
+                # without a ``ts`` is never taken for older).
+                if rated is not None and (not rated[0] or rated[0] >= winners[served_id][0]):
+                    served.add(served_id)
+                    fields["rating"], fields["rating_comment"] = rated[1:]
             try:
                 yield RequestLogTriple.model_validate(fields)
             except ValidationError as exc:
@@ -723,7 +747,12 @@ def read_request_log(path: Path, skipped: SkipCounts | None = None) -> TripleStr
          "ts": ...}
 
     Every served line becomes one `RequestLogTriple`, with the rating of its request
-    (the last rating line for it, in any of the files read) joined in. Texts are as
+    (the latest rating line for it by ``ts``, in any of the files read) joined in. A
+    request id served more than once (a client reusing its ``request_id``) gives one
+    triple: the latest served line by ``ts`` (the later one read on a tie) wins, the
+    others count as ``duplicate_id``, and only a rating not older than the winning line
+    is joined (an older one rated an earlier answer and counts as
+    ``unmatched_rating``). Texts are as
     logged, i.e. already redacted. Bad lines are skipped and counted like
     `read_triples_jsonl` does, plus ``unknown_type`` and ``unmatched_rating``; a torn
     last line (a killed worker) counts as ``invalid_json``.

@@ -19,7 +19,13 @@ from service.adapter_validation import BaseModelInfo
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
 from service.fast_response import FastResponseService
-from service.feedback import FeedbackService, open_feedback_store
+from service.feedback import (
+    FeedbackService,
+    FeedbackStore,
+    FeedbackUnavailable,
+    UnavailableFeedbackStore,
+    open_feedback_store,
+)
 from service.guard import check_tone_fit
 from service.logs import configure_logging
 from service.metrics import NO_SOURCE, UNKNOWN_PERSONALITY, Metrics, outcome_of, personality_of
@@ -193,6 +199,20 @@ async def start_engine(settings: Settings) -> Engine:
     return await VLLMEngine.start(settings)
 
 
+async def _open_feedback_store(settings: Settings) -> FeedbackStore:
+    """`open_feedback_store(settings)`, or, when it cannot be opened, an
+    `UnavailableFeedbackStore` after one logged error: the gateway serves without it."""
+    try:
+        return await open_feedback_store(settings)
+    except FeedbackUnavailable as exc:
+        logger.error(
+            "feedback store unavailable, serving without it (POST /feedback answers 503 "
+            "until a restart): %s",
+            exc.message,
+        )
+        return UnavailableFeedbackStore(f"feedback store unavailable since startup: {exc.message}")
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the gateway.
 
@@ -209,8 +229,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         AdapterRejected, AdapterLoadFailed: a configured adapter (from the manifest,
             the published-adapter store or the shared registry) failed validation or
             loading.
-        FeedbackUnavailable: the feedback database (SQLite, without Redis) cannot be
-            created or opened.
+
+    A feedback store (SQLite, without Redis) that cannot be created or opened does not
+    stop the start: the error is logged once, answers go on, and `POST /feedback`
+    answers 503 naming the store (`UnavailableFeedbackStore`).
     """
 
     @asynccontextmanager
@@ -228,7 +250,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             base_model = await asyncio.to_thread(BaseModelInfo.from_dir, settings.resolved_model())
             metrics = Metrics()
             stack.callback(metrics.close)
-            feedback = FeedbackService(await open_feedback_store(settings), metrics)
+            feedback = FeedbackService(await _open_feedback_store(settings), metrics)
             stack.push_async_callback(feedback.close)
             request_log = await asyncio.to_thread(open_request_log, settings)
             if request_log is not None:

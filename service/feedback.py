@@ -29,13 +29,26 @@ Two stores, chosen by `open_feedback_store`:
   fields, store the rating, append to the stream), so concurrent ratings of one
   request cannot both count.
 
-SQLite calls run in a worker thread (`asyncio.to_thread`); Redis calls use
-`redis.asyncio`. Comments are stored, never logged and never put in a metric label.
+SQLite calls run on the store's own single thread (never the event loop's default
+pool, which a locked file would otherwise fill for minutes); a served record waits at
+most `SERVED_BUSY_TIMEOUT_S` for another connection's write lock and is then dropped
+with a warning. Redis calls use `redis.asyncio`. At most `MAX_PENDING` served records
+wait for the store at once; beyond that they are dropped (and counted in the warning).
+A `/metrics` scrape waits at most `REFRESH_TIMEOUT_S` for the rating counts and else
+serves the last known ones.
+
+Comments are redacted (`service.redaction.redact`: names, e-mails, phone numbers,
+street addresses) before they are stored, and are never logged nor put in a metric
+label.
+
+If the store cannot be opened at startup, the gateway runs with
+`UnavailableFeedbackStore`: answers go on, `POST /feedback` answers 503 naming the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -44,7 +57,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -54,6 +67,7 @@ from redis.typing import EncodableT, FieldT
 
 from service.errors import FastResponseError
 from service.metrics import RATINGS, Metrics
+from service.redaction import redact
 from service.schemas import FastResponseResponse, FeedbackRequest, FeedbackResponse, Source
 from service.settings import Settings
 
@@ -70,6 +84,19 @@ PENDING_WAIT_S = 5.0
 
 #: How long a SQLite call waits for another worker's write lock, in seconds.
 SQLITE_BUSY_TIMEOUT_S = 5.0
+
+#: How long storing a served record waits for another connection's write lock, in
+#: seconds; then the record is dropped (it cannot be rated) with a warning. Records
+#: queued behind a dropped one within this time are dropped at once, so a locked file
+#: never builds a queue of waits.
+SERVED_BUSY_TIMEOUT_S = 0.5
+
+#: Most served records waiting to be stored at once (per process); more are dropped.
+MAX_PENDING = 1000
+
+#: Longest a `/metrics` scrape waits for the rating counts, in seconds; then the last
+#: known figures are served.
+REFRESH_TIMEOUT_S = 1.0
 
 #: How often `SQLiteFeedbackStore` deletes expired served records, in seconds.
 PRUNE_INTERVAL_S = 60.0
@@ -203,6 +230,16 @@ def clean_comment(comment: str | None) -> str | None:
     return comment if comment is not None and comment.strip() else None
 
 
+def stored_comment(comment: str | None) -> str | None:
+    """The comment as a store keeps it: None for an absent or blank one, else redacted
+    (`service.redaction.redact`: names, e-mails, phone numbers, addresses)."""
+    cleaned = clean_comment(comment)
+    return redact(cleaned) if cleaned is not None else None
+
+
+_T = TypeVar("_T")
+
+
 # ---- SQLite ---------------------------------------------------------------------------
 
 _SCHEMA = """
@@ -234,19 +271,29 @@ class SQLiteFeedbackStore:
     """`FeedbackStore` in one SQLite file (layout: module docstring).
 
     WAL journal, `synchronous=NORMAL` (a committed rating survives a crash of the
-    process; the last ones may be lost on a power cut) and a busy timeout, so several
-    gateway workers of one host can share the file. One connection per store, used by
-    one thread at a time; every public method runs it in a worker thread.
+    process; the last ones may be lost on a power cut) and a busy timeout
+    (`SQLITE_BUSY_TIMEOUT_S`; `SERVED_BUSY_TIMEOUT_S` for a served record), so several
+    gateway workers of one host can share the file. One connection per store, used only
+    by the store's own single thread (every public method runs there), so a locked file
+    never holds up the event loop's default thread pool.
 
     Use `await SQLiteFeedbackStore.open(path, ttl_s)`.
     """
 
-    def __init__(self, connection: sqlite3.Connection, path: Path, ttl_s: float) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        path: Path,
+        ttl_s: float,
+        executor: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
         self._conn = connection
         self.path = path
         self.ttl_s = ttl_s
+        self._executor = executor or _sqlite_executor()
         self._lock = threading.Lock()
         self._last_prune = 0.0
+        self._busy_until = 0.0  # monotonic: served records are dropped at once until then
         self._closed = False
 
     @classmethod
@@ -263,10 +310,19 @@ class SQLiteFeedbackStore:
         """
         if not ttl_s > 0:
             raise ValueError(f"feedback_ttl_s must be > 0, got {ttl_s!r}")
-        return await asyncio.to_thread(cls._open, path, ttl_s)
+        executor = _sqlite_executor()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, cls._open, path, ttl_s, executor
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
 
     @classmethod
-    def _open(cls, path: Path, ttl_s: float) -> SQLiteFeedbackStore:
+    def _open(
+        cls, path: Path, ttl_s: float, executor: concurrent.futures.ThreadPoolExecutor
+    ) -> SQLiteFeedbackStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(
@@ -287,31 +343,45 @@ class SQLiteFeedbackStore:
         except sqlite3.Error as exc:
             connection.close()
             raise FeedbackUnavailable(f"feedback database {path}: {exc}") from exc
-        return cls(connection, path, ttl_s)
+        return cls(connection, path, ttl_s, executor)
+
+    async def _run(self, method: Any, *args: Any) -> Any:
+        """`self._call(method, *args)` on the store's own thread."""
+        try:
+            future = self._executor.submit(self._call, method, *args)
+        except RuntimeError as exc:  # the executor was shut down
+            raise FeedbackUnavailable("the feedback store is closed") from exc
+        return await asyncio.wrap_future(future)
 
     async def record_served(self, record: ServedRecord) -> None:
-        """See `FeedbackStore.record_served`. Also deletes expired records, at most
-        once a minute."""
-        await asyncio.to_thread(self._call, self._record_served, record)
+        """See `FeedbackStore.record_served`: waits at most `SERVED_BUSY_TIMEOUT_S` for
+        another connection's write lock (then `FeedbackUnavailable`). Also deletes
+        expired records, at most once a minute."""
+        await self._run(self._record_served, record)
 
     async def rate(self, request_id: str, rating: int, comment: str | None) -> StoredRating:
-        """See `FeedbackStore.rate`."""
+        """See `FeedbackStore.rate`; the comment is stored redacted (`stored_comment`)."""
         _check_rating(rating)
-        return await asyncio.to_thread(
-            self._call, self._rate, request_id, rating, clean_comment(comment)
+        result: StoredRating = await self._run(
+            self._rate, request_id, rating, stored_comment(comment)
         )
+        return result
 
     async def get_rating(self, request_id: str) -> StoredRating | None:
         """See `FeedbackStore.get_rating`."""
-        return await asyncio.to_thread(self._call, self._get_rating, request_id)
+        result: StoredRating | None = await self._run(self._get_rating, request_id)
+        return result
 
     async def rating_counts(self) -> RatingCounts:
         """See `FeedbackStore.rating_counts`."""
-        return await asyncio.to_thread(self._call, self._rating_counts)
+        result: RatingCounts = await self._run(self._rating_counts)
+        return result
 
     async def close(self) -> None:
-        """See `FeedbackStore.close`."""
-        await asyncio.to_thread(self._close)
+        """See `FeedbackStore.close`: closes the connection, then stops the thread."""
+        with contextlib.suppress(RuntimeError):  # the executor was shut down already
+            await asyncio.wrap_future(self._executor.submit(self._close))
+        self._executor.shutdown(wait=False)
 
     def _close(self) -> None:
         with self._lock:
@@ -331,18 +401,30 @@ class SQLiteFeedbackStore:
                 raise FeedbackUnavailable(f"feedback database {self.path}: {exc}") from exc
 
     def _record_served(self, record: ServedRecord) -> None:
+        if time.monotonic() < self._busy_until:
+            raise FeedbackUnavailable(
+                f"feedback database {self.path}: locked by another connection (dropped "
+                "without waiting: the previous served record timed out)"
+            )
         now = time.time()
-        self._conn.execute(
-            "INSERT OR REPLACE INTO served VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                record.request_id,
-                record.personality,
-                record.adapter_version,
-                record.source,
-                record.served_at,
-                record.served_at + self.ttl_s,
-            ),
-        )
+        self._conn.execute(f"PRAGMA busy_timeout = {round(SERVED_BUSY_TIMEOUT_S * 1000)}")
+        try:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO served VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.request_id,
+                    record.personality,
+                    record.adapter_version,
+                    record.source,
+                    record.served_at,
+                    record.served_at + self.ttl_s,
+                ),
+            )
+        except sqlite3.OperationalError:
+            self._busy_until = time.monotonic() + SERVED_BUSY_TIMEOUT_S
+            raise
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {round(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
             self._conn.execute(
@@ -411,6 +493,12 @@ class SQLiteFeedbackStore:
             "GROUP BY personality, adapter_version, rating"
         ).fetchall()
         return {(p, v, r): n for p, v, r, n in rows if n > 0}
+
+
+def _sqlite_executor() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="feedback-sqlite"
+    )
 
 
 # ---- Redis ----------------------------------------------------------------------------
@@ -521,10 +609,11 @@ class RedisFeedbackStore:
             raise FeedbackUnavailable(f"feedback store (Redis) unavailable: {exc}") from exc
 
     async def rate(self, request_id: str, rating: int, comment: str | None) -> StoredRating:
-        """See `FeedbackStore.rate`. One Lua script (module docstring)."""
+        """See `FeedbackStore.rate`. One Lua script (module docstring); the comment is
+        stored redacted (`stored_comment`)."""
         _check_rating(rating)
         self._check_open()
-        comment = clean_comment(comment)
+        comment = stored_comment(comment)
         keys = [self.served_prefix + request_id, self.histogram_key, self.stream_key]
         args = [str(rating), comment or "", request_id, str(self.stream_maxlen)]
         try:
@@ -607,6 +696,39 @@ def _source(value: str) -> Source:
     raise FeedbackUnavailable(f"feedback store holds an unknown source {value!r}")
 
 
+class UnavailableFeedbackStore:
+    """`FeedbackStore` of a gateway whose store could not be opened at startup: served
+    records are dropped (the startup error said why), ratings are refused with
+    `FeedbackUnavailable` (503) naming the store, and the rating counts are empty.
+
+    Args:
+        reason: why the store is unavailable, naming it (e.g. the SQLite file and the
+            error); the message of every refusal.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def record_served(self, record: ServedRecord) -> None:
+        """Drops `record`."""
+
+    async def rate(self, request_id: str, rating: int, comment: str | None) -> StoredRating:
+        """Raises `FeedbackUnavailable` (after `ValueError` for a bad rating)."""
+        _check_rating(rating)
+        raise FeedbackUnavailable(self.reason)
+
+    async def get_rating(self, request_id: str) -> StoredRating | None:
+        """Raises `FeedbackUnavailable`."""
+        raise FeedbackUnavailable(self.reason)
+
+    async def rating_counts(self) -> RatingCounts:
+        """No ratings: `{}`."""
+        return {}
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
 def default_feedback_db(settings: Settings) -> Path:
     """The SQLite file: `feedback_db`, or `<cache_dir>/feedback.sqlite3`."""
     return settings.feedback_db or settings.cache_dir / "feedback.sqlite3"
@@ -646,12 +768,21 @@ class FeedbackService:
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._last_warning = 0.0
         self._failed_since_warning = 0
+        self._last_refresh_warning = 0.0
+        #: served records dropped because `MAX_PENDING` were already waiting
+        self.dropped_over_pending = 0
 
     async def remember(self, response: FastResponseResponse) -> None:
         """Store the served record of `response`, waiting at most `RECORD_WAIT_S`; a
         slower store finishes in the background. Never raises: a store failure is
-        logged (at most once a minute) and the response can then not be rated."""
+        logged (at most once a minute) and the response can then not be rated. With
+        `MAX_PENDING` records already waiting for the store, the record is dropped
+        (counted in `dropped_over_pending` and in the warning)."""
         record = ServedRecord.of(response)
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped_over_pending += 1
+            self._warn_dropped(f"{MAX_PENDING} served records are already waiting for the store")
+            return
         task = asyncio.create_task(self._store(record))
         self._pending[record.request_id] = task
         task.add_done_callback(lambda done: self._forget(record.request_id, done))
@@ -665,17 +796,20 @@ class FeedbackService:
         try:
             await self.store.record_served(record)
         except FeedbackUnavailable as exc:
-            self._failed_since_warning += 1
-            now = time.monotonic()
-            if now - self._last_warning >= _WARN_INTERVAL_S:
-                logger.warning(
-                    "feedback: %d served record(s) could not be stored, so they cannot be "
-                    "rated: %s",
-                    self._failed_since_warning,
-                    exc.message,
-                )
-                self._last_warning = now
-                self._failed_since_warning = 0
+            self._warn_dropped(exc.message)
+
+    def _warn_dropped(self, reason: str) -> None:
+        """Count one dropped served record; warn at most once per `_WARN_INTERVAL_S`."""
+        self._failed_since_warning += 1
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_INTERVAL_S:
+            logger.warning(
+                "feedback: %d served record(s) could not be stored, so they cannot be rated: %s",
+                self._failed_since_warning,
+                reason,
+            )
+            self._last_warning = now
+            self._failed_since_warning = 0
 
     async def rate(self, body: FeedbackRequest) -> FeedbackResponse:
         """Store the rating of `body.request_id`, replacing an earlier one.
@@ -698,12 +832,24 @@ class FeedbackService:
         )
 
     async def refresh_metrics(self) -> None:
-        """Set `fastresp_feedback_rating` from the store's counts. If the store cannot
-        be read, the last values stay and a warning is logged."""
+        """Set `fastresp_feedback_rating` from the store's counts, waiting at most
+        `REFRESH_TIMEOUT_S`. If the store cannot be read in time, the last values stay
+        and a warning is logged (at most once a minute)."""
         try:
-            counts = await self.store.rating_counts()
-        except FeedbackUnavailable as exc:
-            logger.warning("feedback: rating histogram not refreshed: %s", exc.message)
+            counts = await asyncio.wait_for(self.store.rating_counts(), REFRESH_TIMEOUT_S)
+        except (FeedbackUnavailable, TimeoutError) as exc:
+            now = time.monotonic()
+            if now - self._last_refresh_warning >= _WARN_INTERVAL_S:
+                self._last_refresh_warning = now
+                reason = (
+                    exc.message
+                    if isinstance(exc, FeedbackUnavailable)
+                    else f"no answer within {REFRESH_TIMEOUT_S:g} s"
+                )
+                logger.warning(
+                    "feedback: rating histogram not refreshed, serving the last known figures: %s",
+                    reason,
+                )
             return
         self._metrics.feedback_ratings.update(counts)
 

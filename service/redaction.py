@@ -3,7 +3,7 @@
 `redact(text)` replaces what it finds with a placeholder:
 
 - ``[EMAIL]``: an e-mail address (``tom.b+pika@example.co.uk``), also as a speech
-  recogniser writes one out (``tom at gmail dot com``);
+  recogniser writes one out (``tom dot smith at gmail dot com``);
 - ``[ADDRESS]``: a street address, a house number, one to four street-name words and a
   street suffix (``12 Oak Street``, ``221b baker st``, ``4 Elm Tree Ave.``);
 - ``[PHONE]``: a phone number, found by Google's libphonenumber port
@@ -11,18 +11,24 @@
   are caught too) in the national formats of `DEFAULT_PHONE_REGIONS` (US and UK) and
   with a leading ``+`` in any region. A match is kept only with at least
   `MIN_PHONE_DIGITS` digits, and not when it is counting (digit groups in arithmetic
-  progression: ``1 2 3 4 5 6 7 8``, ``2021 2022``) or one round number (``1000000``);
+  progression: ``1 2 3 4 5 6 7 8``, ``2021 2022``) or one round number (``1000000``:
+  one digit run ending in 000 without a leading 0 that libphonenumber does not take for
+  a valid number, so ``2125550000`` and ``07700900000`` are still redacted);
 - ``[NAME]``: the name (one to three words: a full name too) after a name cue:
-  ``my name is``, ``my name's``, ``her name is``, ``I'm called``, ``I am called``,
-  ``call me``. A word counts as a name when it is capitalised or is not a common
-  English word (`NOT_NAMES`), so ``my name is long`` or ``call me later`` stay as they
-  are, while a lower-case speech transcript ``my name is tom`` is still redacted.
+  ``my name is``, ``my name's``, ``her name is``, ``my surname is`` (also ``first``,
+  ``last``, ``full``, ``nick``), ``my names`` (a recogniser's spelling), ``I'm called``,
+  ``I am called``, ``call me``; punctuation and fillers between the cue and the name
+  are skipped (``My name is: Tom``, ``my name is, um, Tom Smith``, ``my name is...
+  Tom``). A word counts as a name when it is capitalised or is not a common English
+  word (`NOT_NAMES`), so ``my name is long`` or ``call me later`` stay as they are,
+  while a lower-case speech transcript ``my name is tom`` is still redacted.
 
 `redact_record(texts)` redacts several texts of one conversation moment together: a
 name found in one text (the child's ``my name is Tom``, or the child's short answer to
 Pika asking ``what's your name?``) is also replaced everywhere else in the record, so
 Pika's ``Hi Tom!`` does not keep it (each part of a full name is replaced on its
-own as well).
+own as well). `service.request_log` also passes the names of a session's earlier records
+(`record_names`) as `names`, so ``Where do you live, Tom?`` is redacted in a later turn.
 
 Known limits (kept rather than guessed at, so that ordinary lesson talk survives):
 numbers spoken as words (``five five five one two...``), a name without a cue
@@ -78,15 +84,19 @@ _LETTER = r"[^\W\d_]"
 _APOS = "['\u2019]"  # straight or typographic apostrophe
 _WORD = rf"{_LETTER}(?:{_LETTER}|(?:{_APOS}|-){_LETTER})*"
 
+_PAUSE = r"[:,.;\u2026-]"  # what a transcript puts between a cue and the name
+_FILLER = r"(?:um+|uh+|erm?|hmm+)"
 _NAME_CUE = re.compile(
-    rf"\b(?:name(?:{_APOS}s|\s+is)|(?:i{_APOS}m|i\s+am|im)\s+called|call\s+me)\s+",
+    rf"\b(?:(?:sur|first|last|full|nick)?name(?:{_APOS}s|\s+is)|my\s+names"
+    rf"|(?:i{_APOS}m|i\s+am|im)\s+called|call\s+me)"
+    rf"(?:{_PAUSE}*\s+|{_PAUSE}+)(?:{_FILLER}{_PAUSE}*\s+)*",
     re.IGNORECASE,
 )
 _NAME_WORDS = re.compile(rf"({_WORD})(?:[ \t]+({_WORD}))?(?:[ \t]+({_WORD}))?")
 
 _EMAIL = re.compile(r"[\w.+%-]+@[\w-]+(?:\.[\w-]+)+", re.UNICODE)
 _SPOKEN_EMAIL = re.compile(
-    r"\b[\w.+-]+\s+at\s+[\w-]+(?:\s+dot\s+[\w-]+)*\s+dot\s+"
+    r"\b[\w.+-]+(?:\s+dot\s+[\w+-]+)*\s+at\s+[\w-]+(?:\s+dot\s+[\w-]+)*\s+dot\s+"
     r"(?:com|org|net|edu|gov|io|co|uk|de|fr|es|it|nl|au|ca|us|info|me)\b",
     re.IGNORECASE,
 )
@@ -154,9 +164,11 @@ def find_names(text: str) -> list[str]:
     return _cue_names(text)
 
 
-def _looks_like_phone(raw: str) -> bool:
+def _looks_like_phone(raw: str, number: phonenumbers.PhoneNumber) -> bool:
     """False for what libphonenumber's lenient matcher takes for a number but a child
-    says in a lesson: short numbers, counting, one round number."""
+    says in a lesson: short numbers, counting, one round number (``1000000``: one digit
+    run ending in 000, no leading 0, and not a valid number of its region, so
+    ``2125550000`` is a phone number)."""
     groups = re.findall(r"\d+", raw)
     if sum(len(g) for g in groups) < MIN_PHONE_DIGITS:
         return False
@@ -165,7 +177,8 @@ def _looks_like_phone(raw: str) -> bool:
         steps = {b - a for a, b in itertools.pairwise(values)}
         if len(steps) == 1 and steps != {0}:
             return False  # counting: 1 2 3 4 5 6 7, 10 20 30 40, 2021 2022
-    return not (len(groups) == 1 and values[0] % 1000 == 0)
+    round_number = len(groups) == 1 and values[0] % 1000 == 0 and not groups[0].startswith("0")
+    return not (round_number and not phonenumbers.is_valid_number(number))
 
 
 def _replace_phones(text: str, regions: Sequence[str]) -> str:
@@ -174,7 +187,7 @@ def _replace_phones(text: str, regions: Sequence[str]) -> str:
         for match in phonenumbers.PhoneNumberMatcher(
             text, region, leniency=phonenumbers.Leniency.POSSIBLE
         ):
-            if _looks_like_phone(match.raw_string):
+            if _looks_like_phone(match.raw_string, match.number):
                 spans.add((match.start, match.end))
     # Overlapping matches of several regions: replace their union, right to left.
     merged: list[list[int]] = []
@@ -224,9 +237,28 @@ def redact(
     return _replace_names(text, found)
 
 
+def record_names(
+    texts: Mapping[str, str | None],
+    *,
+    question_field: str | None = "pika_turn",
+    answer_field: str | None = "user_turn",
+) -> list[str]:
+    """The names `redact_record` finds in one record's texts (see there), in order."""
+    names: list[str] = []
+    for value in texts.values():
+        if value:
+            names.extend(_cue_names(value))
+    question = texts.get(question_field) if question_field else None
+    answer = texts.get(answer_field) if answer_field else None
+    if question and answer:
+        names.extend(_answer_names(question, answer))
+    return names
+
+
 def redact_record(
     texts: Mapping[str, str | None],
     *,
+    names: Iterable[str] = (),
     question_field: str | None = "pika_turn",
     answer_field: str | None = "user_turn",
     phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
@@ -239,6 +271,7 @@ def redact_record(
 
     Args:
         texts: Field name to text, e.g. ``{"user_turn": ..., "fast_response": ...}``.
+        names: Names known from elsewhere (earlier records of the session), also replaced.
         question_field: The field holding Pika's question, or None.
         answer_field: The field holding the child's answer, or None.
         phone_regions: See `redact`.
@@ -246,15 +279,11 @@ def redact_record(
     Returns:
         The same keys with redacted texts.
     """
-    names: list[str] = []
-    for value in texts.values():
-        if value:
-            names.extend(_cue_names(value))
-    question = texts.get(question_field) if question_field else None
-    answer = texts.get(answer_field) if answer_field else None
-    if question and answer:
-        names.extend(_answer_names(question, answer))
+    found = [
+        *names,
+        *record_names(texts, question_field=question_field, answer_field=answer_field),
+    ]
     return {
-        key: None if value is None else redact(value, names=names, phone_regions=phone_regions)
+        key: None if value is None else redact(value, names=found, phone_regions=phone_regions)
         for key, value in texts.items()
     }

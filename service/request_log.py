@@ -15,23 +15,35 @@ request-log DIR``):
   its served line on read (a later rating replaces an earlier one).
 
 Privacy: every text (the four turns and the rating comment) goes through
-`service.redaction` before it is queued, so nothing unredacted reaches the disk; a name
-found in one text of a record is removed from all of them. The session id is replaced
-by the first 32 hex digits of its HMAC-SHA256 under `request_log_hash_key` (default: a
-random key kept in ``<dir>/hmac.key``, mode 0600). Files and the folder are created
-owner-only (0600/0700).
+`service.redaction` in the writer thread, before its line is formatted, so nothing
+unredacted reaches the disk; a name found in one text of a record is removed from all of
+them, and from every later record of the same session (the writer remembers the names
+of the last `SESSION_NAMES_MAX` sessions, by hashed session id, and the session of the
+last `REQUEST_SESSIONS_MAX` request ids, for the rating comments). The session id is
+replaced by the first 32 hex digits of its HMAC-SHA256 under `request_log_hash_key`
+(default: a random key kept in ``<dir>/hmac.key``, mode 0600). Files and the folder are
+created owner-only (0600/0700).
 
 Files: one per worker process, ``requests-<pid>.jsonl``, so workers never interleave
-lines. At `request_log_max_bytes` the file is renamed to
-``requests-<pid>.<UTC timestamp>.jsonl`` and a new one started; rotated files older than
-`request_log_retention_days` (by modification time) are deleted at each rotation and at
-startup, as is the active file of a worker that no longer runs on this host.
+lines. At `request_log_max_bytes`, or at the first write once the file was started (or
+last written) `MAX_FILE_AGE_S` (a day) or `request_log_retention_days` (if shorter) ago,
+the file is renamed to ``requests-<pid>.<UTC timestamp>.jsonl`` and a new one started
+(a leftover active file of a dead worker with this pid is renamed at startup); rotated
+files older than `request_log_retention_days` (by modification time) are deleted at
+each rotation and at startup, as is the active file of a worker that no longer runs on
+this host.
 
-Writes do not block the event loop on disk: the caller only redacts and serialises
-(tens of microseconds) and puts the line on a queue (`logging.handlers.QueueHandler`);
-a `QueueListener` thread writes it through a size-rotating
-`logging.handlers.RotatingFileHandler` on a dedicated, non-propagating logger. `close()`
-writes out what is queued.
+Writes do not block the event loop: the caller only builds the row (hashing the
+session id) and puts it on a queue (`logging.handlers.QueueHandler`, with no formatting
+on the caller's side): 10 microseconds at P95 whatever the texts (2,000 calls each
+of maximum-length texts full of digit groups and of plain ones, from a coroutine, with
+the writer busy redacting meanwhile; ``time.perf_counter`` around `record_served`). A
+`QueueListener` thread redacts, serialises and writes it through a rotating
+`logging.handlers.RotatingFileHandler` on a dedicated, non-propagating logger.
+Redaction takes up to about 50 ms for such worst-case texts; the writer shares the
+GIL, so the event loop may wait up to one switch interval (5 ms) now and then while it
+runs, never for a whole redaction. A burst only delays the lines. `close()` writes out
+what is queued.
 """
 
 from __future__ import annotations
@@ -47,14 +59,15 @@ import queue
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener, RotatingFileHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from adapters.sources import REQUEST_LOG_SOURCE
-from service.redaction import redact, redact_record
+from service.redaction import record_names, redact, redact_record
 from service.schemas import FastResponseRequest, FastResponseResponse
 from service.settings import Settings
 
@@ -62,6 +75,16 @@ _log = logging.getLogger(__name__)
 
 KEY_FILE = "hmac.key"
 """The default HMAC key's file in the log folder (64 hex digits, mode 0600)."""
+
+SESSION_NAMES_MAX = 10_000
+"""Sessions whose names the writer remembers (least recently used forgotten first)."""
+
+REQUEST_SESSIONS_MAX = 100_000
+"""Request ids whose session the writer remembers, to redact a rating comment with it."""
+
+MAX_FILE_AGE_S = 86400.0
+"""A file is rotated once it was started this long ago (or `retention_days`, if shorter),
+at its next write, so that retention can delete it even when it never fills."""
 
 _ACTIVE = re.compile(r"requests-(\d+)\.jsonl")
 _ROTATED = re.compile(r"requests-(\d+)\.(\d{8}T\d{12}Z)(?:-\d+)?\.jsonl")
@@ -116,14 +139,28 @@ class _RotatingJsonlHandler(RotatingFileHandler):
     chain of ``.1``, ``.2``...), deletes expired files at each rotation, and creates files
     owner-only."""
 
-    def __init__(self, path: Path, max_bytes: int, retention_s: float) -> None:
+    def __init__(
+        self, path: Path, max_bytes: int, retention_s: float, clock: Callable[[], float]
+    ) -> None:
         self.retention_s = retention_s
+        self.max_age_s = min(MAX_FILE_AGE_S, retention_s)
+        self.clock = clock
+        self.opened_at = clock()
         # backupCount only has to be > 0 for the base class to rotate at all.
         super().__init__(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", delay=True)
 
     def _open(self) -> io.TextIOWrapper:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.opened_at = self.clock()
         return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def shouldRollover(self, record: logging.LogRecord) -> int:
+        if self.stream is not None:
+            # Started long ago, or not written for as long (its lines are all that old).
+            cutoff = self.clock() - self.max_age_s
+            if self.opened_at <= cutoff or os.fstat(self.stream.fileno()).st_mtime <= cutoff:
+                return 1
+        return super().shouldRollover(record)
 
     def rotated_name(self) -> Path:
         base = Path(self.baseFilename)
@@ -141,12 +178,85 @@ class _RotatingJsonlHandler(RotatingFileHandler):
             self.stream = None  # reopened by the next emit
         if os.path.exists(self.baseFilename):
             os.rename(self.baseFilename, self.rotated_name())
-        delete_expired(Path(self.baseFilename).parent, self.retention_s)
+        delete_expired(Path(self.baseFilename).parent, self.retention_s, now=self.clock())
 
     def handleError(self, record: logging.LogRecord) -> None:
         # The stdlib's handleError prints the record's message; keep the texts out of
         # stderr and say only what failed.
         _log.error("request log: cannot write %s", self.baseFilename, exc_info=True)
+
+
+class _RawQueueHandler(QueueHandler):
+    """`QueueHandler` that queues the record as it is: the caller's side does no
+    formatting, the writer thread's `_RedactingFormatter` does it all."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Turns a queued row (``record.msg``, a dict of raw texts) into its redacted JSON line.
+
+    Runs in the `QueueListener`'s one writer thread only, so its memory needs no lock:
+    the names found per session (`SESSION_NAMES_MAX` sessions, keyed by the hashed
+    session id, least recently used forgotten first) are redacted from every later
+    record of that session, and a rating comment is redacted with the names of its
+    request's session (`REQUEST_SESSIONS_MAX` request ids remembered).
+    """
+
+    def __init__(self, phone_regions: Sequence[str]) -> None:
+        super().__init__()
+        self.phone_regions = tuple(phone_regions)
+        self.session_names: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.request_sessions: OrderedDict[str, str] = OrderedDict()
+
+    def _names_of(self, session: str | None) -> tuple[str, ...]:
+        if session is None or session not in self.session_names:
+            return ()
+        self.session_names.move_to_end(session)
+        return self.session_names[session]
+
+    def _remember(self, request_id: str, session: str | None, names: Sequence[str]) -> None:
+        if session is None:
+            return
+        known = self._names_of(session)
+        self.session_names[session] = tuple(dict.fromkeys((*known, *names)))
+        self.session_names.move_to_end(session)
+        while len(self.session_names) > SESSION_NAMES_MAX:
+            self.session_names.popitem(last=False)
+        self.request_sessions[request_id] = session
+        self.request_sessions.move_to_end(request_id)
+        while len(self.request_sessions) > REQUEST_SESSIONS_MAX:
+            self.request_sessions.popitem(last=False)
+
+    def _redacted(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row["type"] == "rating":
+            session = self.request_sessions.get(row["request_id"])
+            comment = row["comment"]
+            if comment:
+                row["comment"] = redact(
+                    comment, names=self._names_of(session), phone_regions=self.phone_regions
+                )
+            return row
+        texts = {key: row[key] for key in _TEXT_FIELDS}
+        session = row["lesson_id"]
+        found = record_names(texts)
+        self._remember(row["request_id"], session, found)
+        row.update(
+            redact_record(texts, names=self._names_of(session), phone_regions=self.phone_regions)
+        )
+        return row
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = getattr(record, "redacted_line", None)
+        if line is None:  # RotatingFileHandler formats twice: for the size check, to write
+            row = self._redacted(dict(cast("dict[str, Any]", record.msg)))
+            line = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+            record.redacted_line = line
+        return str(line)
+
+
+_TEXT_FIELDS = ("pika_turn", "user_turn", "main_response", "fast_response")
 
 
 def _load_or_create_key(directory: Path) -> bytes:
@@ -190,6 +300,7 @@ class RequestLog:
         retention_days: float = 30.0,
         hash_key: bytes | None = None,
         phone_regions: Sequence[str] = ("US", "GB"),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """Open the log in `directory` (created, mode 0700, when missing).
 
@@ -199,6 +310,7 @@ class RequestLog:
             retention_days: Rotated files older than this (days, > 0) are deleted.
             hash_key: HMAC-SHA256 key for session ids; None: the folder's `KEY_FILE`.
             phone_regions: See `service.redaction.redact`.
+            clock: Seconds since the epoch, for the files' age (tests pass a fake one).
 
         Raises:
             ValueError: `max_bytes` or `retention_days` out of range, or a bad key file.
@@ -214,15 +326,18 @@ class RequestLog:
         self.phone_regions = tuple(phone_regions)
         self._key = hash_key if hash_key is not None else _load_or_create_key(directory)
         retention_s = retention_days * 86400.0
-        delete_expired(directory, retention_s)
-        self._handler = _RotatingJsonlHandler(self.path, max_bytes, retention_s)
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler = _RotatingJsonlHandler(self.path, max_bytes, retention_s, clock)
+        self._handler.setFormatter(_RedactingFormatter(self.phone_regions))
+        if self.path.exists() and self.path.stat().st_size > 0:
+            # A file of a dead worker with our pid: start afresh, so that its lines age out.
+            self._handler.doRollover()
+        delete_expired(directory, retention_s, now=clock())
         lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         # An unregistered Logger: private to this instance, so tests (or two logs in one
         # process) never share handlers, and nothing propagates to the root logger.
         self._logger = logging.Logger(f"{__name__}.{os.getpid()}", logging.INFO)
         self._logger.propagate = False
-        self._logger.addHandler(QueueHandler(lines))
+        self._logger.addHandler(_RawQueueHandler(lines))
         self._listener = QueueListener(lines, self._handler)
         self._listener.start()
         self._closed = False
@@ -257,27 +372,22 @@ class RequestLog:
         if self._closed:
             _log.debug("request log closed; %s line dropped", row.get("type"))
             return
-        self._logger.info(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+        self._logger.info(row)  # redacted and serialised by the writer thread
 
     def record_served(self, request: FastResponseRequest, response: FastResponseResponse) -> None:
-        """Queue one ``served`` line for `response` to `request` (texts redacted first)."""
+        """Queue one ``served`` line for `response` to `request`; the writer thread redacts
+        its texts (with the names of the session's earlier records) before writing."""
         try:
-            texts = redact_record(
-                {
-                    "pika_turn": request.pika_turn,
-                    "user_turn": request.user_turn,
-                    "main_response": request.main_response,
-                    "fast_response": response.fast_response,
-                },
-                phone_regions=self.phone_regions,
-            )
             self._write(
                 {
                     "type": "served",
                     "id": response.request_id,
                     "source": REQUEST_LOG_SOURCE,
                     "lesson_id": self.hash_session(request.session_id),
-                    **texts,
+                    "pika_turn": request.pika_turn,
+                    "user_turn": request.user_turn,
+                    "main_response": request.main_response,
+                    "fast_response": response.fast_response,
                     "served_from": response.source,
                     "adapter_version": response.adapter_version,
                     "latency_ms": round(response.latency_ms, 3),
@@ -290,7 +400,8 @@ class RequestLog:
             _log.exception("request log: cannot record request %s", response.request_id)
 
     def record_rating(self, request_id: str, rating: int, comment: str | None) -> None:
-        """Queue one ``rating`` line (the comment redacted first).
+        """Queue one ``rating`` line; the writer thread redacts the comment (with the names
+        of the rated request's session, when it is remembered) before writing.
 
         Raises:
             ValueError: `rating` is not an integer from 1 to 5.
@@ -298,13 +409,12 @@ class RequestLog:
         if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
             raise ValueError(f"rating: must be an integer from 1 to 5, got {rating!r}")
         try:
-            clean = redact(comment, phone_regions=self.phone_regions) if comment else None
             self._write(
                 {
                     "type": "rating",
                     "request_id": request_id,
                     "rating": rating,
-                    "comment": clean,
+                    "comment": comment or None,
                     "ts": _now(),
                 }
             )

@@ -200,12 +200,25 @@ class Settings(BaseSettings):
 
     feedback_db: Path | None = None
     """SQLite file of the feedback store when `redis_url` is not set (WAL mode, shared
-    safely by the gateway workers of one host). None: `<cache_dir>/feedback.sqlite3`."""
+    safely by the gateway workers of one host). None: `<cache_dir>/feedback.sqlite3`.
+    An existing directory is refused; a file that cannot be opened at startup leaves
+    `POST /feedback` answering 503 while answers go on."""
 
     feedback_stream_maxlen: int = Field(default=100_000, ge=100)
     """With `redis_url`: approximate length bound of the ratings stream
     (`<redis_key_prefix>:feedback:ratings`, `XADD MAXLEN ~`); older entries are trimmed.
     The rating histogram is kept apart and is not trimmed."""
+
+    @field_validator("feedback_db")
+    @classmethod
+    def _check_feedback_db(cls, path: Path | None) -> Path | None:
+        """A feedback database must be a file: an existing directory is refused."""
+        if path is not None and path.is_dir():
+            raise ValueError(
+                f"feedback_db {path} is a directory; give the SQLite file's path, e.g. "
+                f"{path / 'feedback.sqlite3'}"
+            )
+        return path
 
     # --- Privacy-safe request log for the data flywheel (issue 10, service/request_log.py) ---
 

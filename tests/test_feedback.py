@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -28,6 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import Engine
 from service.feedback import (
+    REFRESH_TIMEOUT_S,
+    FeedbackService,
     FeedbackStore,
     RedisFeedbackStore,
     ServedRecord,
@@ -232,6 +235,95 @@ async def test_redis_down_is_feedback_unavailable(redis_server: RedisServer) -> 
             await store.record_served(served("r2"))
     finally:
         await store.close()
+
+
+#: Longest a call that must not wait for a locked store may take before the test fails
+#: instead of hanging; seconds (the calls take milliseconds).
+HANG_GUARD_S = 60.0
+
+#: A phone number in a comment, and the digits that must not be stored.
+PHONE_COMMENT = ("She loved it, call me at (415) 555-0134", "555-0134")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_store_keeps_comments_redacted(store: FeedbackStore) -> None:
+    comment, digits = PHONE_COMMENT
+    await store.record_served(served("r1"))
+    stored = await store.rate("r1", 4, comment)
+    kept = await store.get_rating("r1")
+    assert kept is not None and kept.comment is not None
+    for text in (stored.comment, kept.comment):
+        assert text is not None and digits not in text and "[PHONE]" in text
+        assert text.startswith("She loved it"), "the rest of the comment is kept"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_sqlite_file_holds_no_phone_number(tmp_path: Path) -> None:
+    comment, digits = PHONE_COMMENT
+    store = await SQLiteFeedbackStore.open(tmp_path / "feedback.sqlite3", 600)
+    try:
+        await store.record_served(served("r1"))
+        await store.rate("r1", 5, comment)
+        await store.rate("r1", 4, comment + " again")  # the replaced row too
+    finally:
+        await store.close()
+    assert _files_holding(tmp_path, digits) == []
+    with sqlite3.connect(tmp_path / "feedback.sqlite3") as db:
+        assert db.execute("SELECT comment FROM ratings").fetchall() == [
+            ("She loved it, call me at [PHONE] again",)
+        ]
+
+
+def _files_holding(folder: Path, text: str) -> list[Path]:
+    """The feedback database's files (the database, any WAL left over) holding `text`."""
+    files = list(folder.glob("feedback.sqlite3*"))
+    assert files, "no database written"
+    return [path for path in files if text.encode() in path.read_bytes()]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_locked_sqlite_file_stalls_neither_the_default_pool_nor_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another connection holds the write lock: answers' records are dropped (with a
+    warning) instead of filling the event loop's default thread pool, an unrelated
+    `asyncio.to_thread` call runs while a rating still waits for the lock, and a scrape
+    gives up after `REFRESH_TIMEOUT_S` and keeps the last known figures."""
+    path = tmp_path / "feedback.sqlite3"
+    metrics = Metrics()
+    service = FeedbackService(await SQLiteFeedbackStore.open(path, 600), metrics)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await service.remember(_response("before"))
+        await service.store.rate("before", 3, None)
+        await service.refresh_metrics()
+        assert histogram(metrics.exposition().decode())["count"] == 1
+
+        other.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.WARNING, logger="service.feedback"):
+            for i in range(40):
+                await service.remember(_response(f"locked-{i}"))
+            # the store's thread now waits (busy timeout) on the lock for this rating
+            rating = asyncio.create_task(service.store.rate("before", 5, None))
+            await asyncio.sleep(0.1)
+            # (a 60 s guard turns the stall seen before, minutes, into a failure)
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), HANG_GUARD_S)
+            assert not rating.done(), "to_thread waited for the feedback store"
+            await asyncio.wait_for(service.refresh_metrics(), HANG_GUARD_S)
+            assert not rating.done(), "the scrape waited for the feedback store"
+        assert histogram(metrics.exposition().decode())["count"] == 1, "last figures kept"
+        assert "could not be stored" in caplog.text
+        assert f"no answer within {REFRESH_TIMEOUT_S:g} s" in caplog.text
+        other.execute("ROLLBACK")
+        await asyncio.gather(rating, return_exceptions=True)
+        for request_id in ("locked-0", "locked-39"):  # dropped, so they cannot be rated
+            with pytest.raises(UnknownRequestId):
+                await service.store.rate(request_id, 4, None)
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
+        await service.close()
 
 
 _WORKER = textwrap.dedent(
@@ -523,6 +615,45 @@ async def test_answers_go_on_when_the_feedback_store_is_down(
         assert rated.status_code == 503, rated.text
         assert rated.json()["detail"][0]["type"] == "feedback_unavailable"
         redis_server.start()  # the same port: the lifespan's Redis clients close cleanly
+
+
+def test_feedback_db_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    """Refused by the settings, before anything loads, naming the field."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    personalities = REPO_ROOT / "tests" / "data" / "personalities.yaml"
+    with pytest.raises(ValidationError) as caught:
+        Settings(personalities_file=personalities, feedback_db=tmp_path)
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("feedback_db",) and "is a directory" in error["msg"]
+    ok = Settings(personalities_file=personalities, feedback_db=tmp_path / "f.sqlite3")
+    assert ok.feedback_db == tmp_path / "f.sqlite3"
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_gateway_starts_without_an_openable_feedback_store(
+    engine: Engine, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQLite file's parent is a regular file: the gateway still answers, logs the
+    error once, and `POST /feedback` answers 503 naming the store."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a regular file")
+    db = blocker / "feedback.sqlite3"
+    with caplog.at_level(logging.ERROR, logger="service.app"):
+        async with serve(engine_settings(tiny_model_dir, feedback_db=db), engine) as client:
+            request_id = (await _answer(client))["request_id"]
+            await _answer(client)
+            rated = await client.post("/feedback", json={"request_id": request_id, "rating": 4})
+            scrape = await client.get("/metrics")
+    assert rated.status_code == 503, rated.text
+    (detail,) = rated.json()["detail"]
+    assert detail["type"] == "feedback_unavailable" and str(db) in detail["msg"]
+    assert scrape.status_code == 200
+    errors = [r for r in caplog.records if "feedback store unavailable" in r.getMessage()]
+    assert len(errors) == 1 and str(db) in errors[0].getMessage()
 
 
 def test_request_body_schema_is_documented() -> None:

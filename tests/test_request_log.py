@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -50,10 +51,18 @@ REDACTED = [
     ("You can call me Bobby", "You can call me [NAME]"),
     ("my sister's name is Emma", "my sister's name is [NAME]"),
     ("My name is Will and I will win", "My name is [NAME] and I [NAME] win"),
+    # punctuation, fillers and spellings of a transcript between the cue and the name
+    ("My name is: Tom", "My name is: [NAME]"),
+    ("my name is, um, Tom Smith", "my name is, um, [NAME]"),
+    ("my name is uh Tom", "my name is uh [NAME]"),
+    ("my name is... Tom", "my name is... [NAME]"),
+    ("My names Tom", "My names [NAME]"),
+    ("my surname is Smith", "my surname is [NAME]"),
     # e-mails, written and spoken
     ("my email is tom.b+pika@example.co.uk ok", "my email is [EMAIL] ok"),
     ("mom's is jane_doe@mail.com", "mom's is [EMAIL]"),
     ("it's tommy at gmail dot com", "it's [EMAIL]"),
+    ("tom dot smith at gmail dot com", "[EMAIL]"),
     # phone numbers in several formats
     ("call 555-123-4567 now", "call [PHONE] now"),
     ("my number is (415) 555-2671", "my number is [PHONE]"),
@@ -64,6 +73,9 @@ REDACTED = [
     ("+49 30 901820", "[PHONE]"),
     ("it's 5 5 5 1 2 3 4", "it's [PHONE]"),
     ("home is 555 1234", "home is [PHONE]"),
+    # one run ending in 000: a valid number of a region, or with a trunk 0, is a phone
+    ("call 2125550000", "call [PHONE]"),
+    ("07700900000", "[PHONE]"),
     # street addresses
     ("I live at 12 Oak Street", "I live at [ADDRESS]"),
     ("i live at 12 oak street", "i live at [ADDRESS]"),
@@ -83,6 +95,9 @@ REDACTED = [
 KEPT = [
     "my name is long",
     "my name is not Tom",  # "not" ends the cue: nothing after it is taken as a name
+    "my name is not important",
+    "my name is, um, not telling",
+    "the names of animals",
     "call me later",
     "call me when you are ready",
     "I'm called to dinner",
@@ -292,6 +307,68 @@ def test_bad_settings_name_the_field(tmp_path: Path) -> None:
         RequestLog(tmp_path).record_rating("r", 6, None)
 
 
+def _served(log: RequestLog, request_id: str, session: str | None, **turns: str) -> None:
+    request = _request(0, session_id=session, request_id=request_id, **turns)
+    log.record_served(request, _response(request, text=turns.get("fast_response", "Ok!")))
+
+
+def test_a_name_is_removed_from_later_records_of_the_session(tmp_path: Path) -> None:
+    log = RequestLog(tmp_path / "log")
+    _served(log, "r1", "s1", user_turn="my name is Tom Smith")
+    _served(log, "r2", "s1", pika_turn="Where do you live, Tom?", user_turn="near smith park")
+    _served(log, "r3", "s2", pika_turn="Where do you live, Tom?", user_turn="hello")
+    _served(log, "r4", None, pika_turn="Hi Tom!", user_turn="hi")
+    log.record_rating("r2", 5, "Tom loved it, call 555-123-4567")
+    log.record_rating("r3", 4, "Tom is a cat")
+    log.close()
+    triples = {t.id: t for t in read_request_log(tmp_path / "log")}
+    assert triples["r2"].pika_turn == "Where do you live, [NAME]?"
+    assert triples["r2"].user_turn == "near [NAME] park"
+    assert triples["r2"].rating_comment == "[NAME] loved it, call [PHONE]"
+    # Another session, or none, never had a "Tom": its texts stay.
+    assert triples["r3"].pika_turn == "Where do you live, Tom?"
+    assert triples["r3"].rating_comment == "Tom is a cat"
+    assert triples["r4"].pika_turn == "Hi Tom!"
+
+
+def test_the_session_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.request_log.SESSION_NAMES_MAX", 2)
+    log = RequestLog(tmp_path / "log")
+    _served(log, "a1", "a", user_turn="my name is Ann")
+    _served(log, "b1", "b", user_turn="my name is Bea")
+    _served(log, "a2", "a", pika_turn="Hi Ann")  # "a" used: "b" is now the oldest
+    _served(log, "c1", "c", user_turn="my name is Cy")  # forgets "b"
+    _served(log, "a3", "a", pika_turn="Bye Ann")
+    _served(log, "b2", "b", pika_turn="Bye Bea")
+    log.close()
+    triples = {t.id: t for t in read_request_log(tmp_path / "log")}
+    assert triples["a3"].pika_turn == "Bye [NAME]"
+    assert triples["b2"].pika_turn == "Bye Bea"
+
+
+def test_redaction_runs_in_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import service.request_log as request_log
+
+    threads: list[str] = []
+    real = request_log.redact_record
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, str | None]:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(request_log, "redact_record", spy)
+    log = RequestLog(tmp_path / "log")
+    _served(log, "r1", "s1", user_turn="my name is Tom")
+    log.close()
+    assert threads, "redaction did not run"
+    assert threading.main_thread().name not in threads
+    assert read_request_log(tmp_path / "log").__next__().user_turn == "my name is [NAME]"
+
+
 # --- rotation and retention -------------------------------------------------------------
 
 
@@ -334,6 +411,65 @@ def test_rotation_by_size_and_deletion_by_age(tmp_path: Path) -> None:
     assert not gone.exists()
     assert live.exists()
     assert (directory / KEY_FILE).exists(), "the key file is no log file"
+
+
+def test_a_quiet_file_is_rotated_by_age_so_retention_applies(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    now = [time.time()]
+    log = RequestLog(directory, retention_days=30, clock=lambda: now[0])
+    _served(log, "old", "s", user_turn="hello")
+    log.flush()
+    assert delete_expired(directory, 30 * 86400, now=now[0] + 40 * 86400) == []
+    now[0] += 86400 + 1  # a day later the next line starts a new file
+    _served(log, "new", "s", user_turn="hello")
+    log.flush()
+    rotated = [p for p in directory.glob("requests-*.jsonl") if p != log.path]
+    assert len(rotated) == 1
+    assert '"id":"old"' in rotated[0].read_text(encoding="utf-8")
+    assert '"id":"old"' not in log.path.read_text(encoding="utf-8")
+    # 40 days on, the old line is gone; the active file stays.
+    assert delete_expired(directory, 30 * 86400, now=now[0] + 40 * 86400) == rotated
+    log.close()
+    assert [t.id for t in read_request_log(directory)] == ["new"]
+    # A shorter retention rotates sooner: at retention_days.
+    now[0] = time.time()
+    short = RequestLog(tmp_path / "short", retention_days=0.5, clock=lambda: now[0])
+    _served(short, "x", "s", user_turn="hello")
+    short.flush()  # the writer reads the clock when it opens the file
+    now[0] += 0.25 * 86400
+    _served(short, "y", "s", user_turn="hello")
+    short.flush()
+    assert len(list((tmp_path / "short").glob("requests-*.jsonl"))) == 1
+    now[0] += 0.25 * 86400
+    _served(short, "z", "s", user_turn="hello")
+    short.close()
+    assert len(list((tmp_path / "short").glob("requests-*.jsonl"))) == 2
+
+
+def test_a_file_not_written_for_long_is_rotated_and_expires(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    log = RequestLog(directory, retention_days=1)
+    _served(log, "old", "s", user_turn="hello")
+    log.flush()
+    _age(log.path, 40)  # its only line is 40 days old
+    assert delete_expired(directory, 86400) == [], "the active file is never deleted"
+    _served(log, "new", "s", user_turn="hello")  # rotates it; the rotation deletes it
+    log.close()
+    assert [p.name for p in directory.glob("requests-*.jsonl")] == [log.path.name]
+    assert [t.id for t in read_request_log(directory)] == ["new"]
+
+
+def test_a_leftover_file_with_this_pid_is_rotated_at_startup(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    first = RequestLog(directory)
+    _served(first, "before", "s", user_turn="hello")
+    first.close()
+    second = RequestLog(directory)  # a new worker that got the same pid
+    assert not second.path.exists()
+    _served(second, "after", "s", user_turn="hello")
+    second.close()
+    assert '"id":"before"' not in second.path.read_text(encoding="utf-8")
+    assert sorted(t.id for t in read_request_log(directory)) == ["after", "before"]
 
 
 def _dead_pid() -> int:
@@ -439,6 +575,51 @@ def test_bad_lines_are_counted(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no request-log files"):
         list(read_request_log(tmp_path / "empty"))
+
+
+def test_a_reused_request_id_keeps_the_latest_served_line(tmp_path: Path) -> None:
+    def served(ts: str, text: str) -> dict[str, Any]:
+        return {"type": "served", "id": "r", "request_id": "r", "source": "request-log",
+                "user_turn": "hi", "fast_response": text, "ts": ts}  # fmt: skip
+
+    def rating(ts: str, value: int) -> dict[str, Any]:
+        return {"type": "rating", "request_id": "r", "rating": value, "comment": None, "ts": ts}
+
+    directory = tmp_path / "log"
+    directory.mkdir()
+    # Two workers' files; name order is not time order across them.
+    (directory / "requests-1.jsonl").write_text(
+        "\n".join(
+            json.dumps(line)
+            for line in (
+                served("2026-01-02T00:00:00.000Z", "second"),
+                rating("2026-01-02T00:00:01.000Z", 5),
+            )
+        ),
+        encoding="utf-8",
+    )
+    (directory / "requests-2.jsonl").write_text(
+        "\n".join(
+            json.dumps(line)
+            for line in (
+                served("2026-01-01T00:00:00.000Z", "first"),
+                rating("2026-01-01T00:00:01.000Z", 1),
+            )
+        ),
+        encoding="utf-8",
+    )
+    skipped: Counter[str] = Counter()
+    triples = list(read_request_log(directory, skipped))
+    assert [(t.fast_response, t.rating) for t in triples] == [("second", 5)]
+    assert skipped == Counter({"duplicate_id": 1})
+    # Rated only before it was served again: that rating was the first answer's.
+    (directory / "requests-1.jsonl").write_text(
+        json.dumps(served("2026-01-02T00:00:00.000Z", "second")), encoding="utf-8"
+    )
+    skipped.clear()
+    triples = list(read_request_log(directory, skipped))
+    assert [(t.fast_response, t.rating) for t in triples] == [("second", None)]
+    assert skipped == Counter({"duplicate_id": 1, "unmatched_rating": 1})
 
 
 def test_cli_triples_reads_a_log_folder(tmp_path: Path) -> None:

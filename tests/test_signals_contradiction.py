@@ -220,6 +220,6 @@ def test_the_answer_is_another_number_still_corrects() -> None:
 
 
 def test_a_weak_cue_without_a_number_still_corrects() -> None:
-    """"Actually, let's count again." names no number: the child's own number cannot
+    """ "Actually, let's count again." names no number: the child's own number cannot
     excuse it (a bug of the first version of the number rule)."""
     assert corrects_child("Actually, let's count again.", "12")
