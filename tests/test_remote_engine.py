@@ -495,20 +495,31 @@ async def test_a_deadline_aborts_the_upstream_request(
     # request is cut by a deadline at a fixed point, and afterwards the counters prove it
     # had started upstream (tokens were made for it) and was aborted there (no request
     # finished, fewer than 1900 tokens). Too early (no token yet on a loaded machine): a
-    # longer window is tried.
-    outcomes = []
-    for window_s in (0.15, 0.3, 0.6, 1.2, 2.4):
+    # longer window. Finished before the cut (the random tiny model can reach EOS early:
+    # one CI run, whose freshly made tiny model did so within 0.15 s): another prompt.
+    outcomes: list[str] = []
+    windows = (0.15, 0.3, 0.6, 1.2, 2.4)
+    step, proven = 0, False
+    for attempt in range(10):
+        window_s = windows[min(step, len(windows) - 1)]
         assert await wait_metric(a.url, RUNNING, lambda v: v == 0, timeout_s=30) == 0
         finished, generated = await metric(a.url, FINISHED), await metric(a.url, GENERATED)
-        task = asyncio.create_task(
-            remote.generate(f"long-{window_s}", request(key, max_tokens=1900))
-        )
+        prompt = f"Pika: What did you eat? ({attempt})\nChild: I ate pho with my dad\nPika:"
+        long = request(key, max_tokens=1900, prompt=prompt)
+        task = asyncio.create_task(remote.generate(f"long-{attempt}", long))
         await asyncio.sleep(window_s / 2)
-        assert not task.done(), f"1900 tokens in {window_s / 2} s: too fast for this probe"
-        assert remote.num_unfinished_requests() == 1
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(window_s / 2):  # what the gateway's deadline does
-                await task
+        cut = False
+        if not task.done():
+            assert remote.num_unfinished_requests() == 1
+            try:
+                async with asyncio.timeout(window_s / 2):  # what the gateway's deadline does
+                    await task
+            except TimeoutError:
+                cut = True
+        if not cut:
+            result = await task
+            outcomes.append(f"{window_s} s: finished first ({result.finish_reason})")
+            continue
         assert task.cancelled() and remote.num_unfinished_requests() == 0
         started = time.monotonic()
         assert await wait_metric(a.url, RUNNING, lambda v: v == 0, timeout_s=5) == 0
@@ -518,10 +529,14 @@ async def test_a_deadline_aborts_the_upstream_request(
         made = await metric(a.url, GENERATED) - generated
         outcomes.append(f"{window_s} s: {made:.0f} tokens, {done:.0f} finished, {back_s:.2f} s")
         print(f"cut after {window_s} s: {made:.0f} of 1900 tokens, running 0 {back_s:.2f} s later")
-        if made > 0:
-            break
-    # It was aborted, not finished: no request completed, and fewer than its 1900 tokens.
-    assert done == 0 and 0 < made < 1900, outcomes
+        if made == 0:
+            step += 1  # too early: not started upstream yet
+            continue
+        # It was aborted, not finished: no request completed, and fewer than 1900 tokens.
+        assert done == 0 and made < 1900, outcomes
+        proven = True
+        break
+    assert proven, outcomes
 
 
 # -- the gateway's hot swaps over the two upstreams ---------------------------------------
