@@ -73,11 +73,6 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Longest a `/fast-response` answer waits for its record to be stored, in seconds. A
-#: slower store (Redis unreachable, SQLite locked) finishes in the background, so the
-#: child's answer is never held up by feedback bookkeeping.
-RECORD_WAIT_S = 0.05
-
 #: Longest `POST /feedback` waits for the record of its request that this process is
 #: still storing, and shutdown for all of them, in seconds.
 PENDING_WAIT_S = 5.0
@@ -773,9 +768,10 @@ class FeedbackService:
         self.dropped_over_pending = 0
 
     async def remember(self, response: FastResponseResponse) -> None:
-        """Store the served record of `response`, waiting at most `RECORD_WAIT_S`; a
-        slower store finishes in the background. Never raises: a store failure is
-        logged (at most once a minute) and the response can then not be rated. With
+        """Store the served record of `response` in the background: the answer does not
+        wait for it (a rating that arrives first waits, `PENDING_WAIT_S`). Never raises: a
+        store failure is logged (at most once a minute) and the response can then not be
+        rated. With
         `MAX_PENDING` records already waiting for the store, the record is dropped
         (counted in `dropped_over_pending` and in the warning)."""
         record = ServedRecord.of(response)
@@ -786,7 +782,6 @@ class FeedbackService:
         task = asyncio.create_task(self._store(record))
         self._pending[record.request_id] = task
         task.add_done_callback(lambda done: self._forget(record.request_id, done))
-        await asyncio.wait({task}, timeout=RECORD_WAIT_S)
 
     def _forget(self, request_id: str, task: asyncio.Task[None]) -> None:
         if self._pending.get(request_id) is task:
@@ -853,9 +848,9 @@ class FeedbackService:
             return
         self._metrics.feedback_ratings.update(counts)
 
-    async def close(self) -> None:
-        """Wait (at most `PENDING_WAIT_S`) for records still being stored, then close
-        the store."""
+    async def settle(self) -> None:
+        """Wait (at most `PENDING_WAIT_S`) for the records still being stored; cancel
+        those that take longer."""
         pending = set(self._pending.values())
         if pending:
             _, late = await asyncio.wait(pending, timeout=PENDING_WAIT_S)
@@ -863,4 +858,8 @@ class FeedbackService:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*late, return_exceptions=True)
+
+    async def close(self) -> None:
+        """`settle`, then close the store."""
+        await self.settle()
         await self.store.close()

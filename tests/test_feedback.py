@@ -295,6 +295,7 @@ async def test_locked_sqlite_file_stalls_neither_the_default_pool_nor_metrics(
     other = sqlite3.connect(path, isolation_level=None)
     try:
         await service.remember(_response("before"))
+        await service.settle()  # stored in the background
         await service.store.rate("before", 3, None)
         await service.refresh_metrics()
         assert histogram(metrics.exposition().decode())["count"] == 1
