@@ -65,7 +65,7 @@ from service.adapter_validation import (
     BaseModelInfo,
     validate_adapter,
 )
-from service.atomic_files import fsync_dir, fsync_file, write_synced
+from service.atomic_files import file_sha256, fsync_dir, fsync_file, write_synced
 from service.errors import AdapterRejected
 from service.personalities import ManifestError, load_personalities
 
@@ -129,14 +129,6 @@ class PublishResult:
     path: Path
     hot_loaded: bool
     previous_version: str | None
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as data:
-        for block in iter(lambda: data.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _read_card(adapter_dir: Path) -> tuple[dict[str, Any], bytes]:
@@ -217,7 +209,7 @@ def check_adapter(
         )
     expected_sha = base_card.get("config_sha256")
     if expected_sha is not None:
-        actual_sha = _sha256(base_model_dir / "config.json")
+        actual_sha = file_sha256(base_model_dir / "config.json")
         if expected_sha != actual_sha:
             raise PublishError(
                 "card.base_model.config_sha256",

@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -29,7 +28,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.atomic_files import fsync_dir, fsync_file, swap_into_place, write_atomic
+from service.atomic_files import (
+    file_sha256,
+    fsync_dir,
+    fsync_file,
+    swap_into_place,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -310,11 +315,7 @@ def verify_sha256(path: Path, expected: str) -> str:
         ChecksumMismatch: if the digest differs.
         OSError: if the file cannot be read.
     """
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if actual != expected.lower():
         raise ChecksumMismatch(
             f"sha256 of {path} is {actual}, expected {expected}: the {GEMMA_PACKAGE} "
