@@ -53,6 +53,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from service.adapter_store import (
+    PUBLISHED_FILE,
     PublishedPersonality,
     PublishedVersion,
     read_published,
@@ -322,6 +323,86 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500
 
 
+def admin_request(
+    service_url: str,
+    admin_token: str,
+    method: str,
+    route: str,
+    body: dict[str, Any] | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    retry_server_errors: bool = True,
+    progress: Callable[[str], None] = lambda _: None,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
+    """One admin API call with the bearer token, retried on connection failures (and,
+    with `retry_server_errors`, on 5xx answers; never on 4xx: the service refused it).
+
+    Args:
+        service_url: the gateway's base URL, e.g. `http://127.0.0.1:8000`.
+        admin_token: its `FASTRESP_ADMIN_TOKEN`; sent as a bearer token, never logged.
+        method, route: e.g. `PUT`, `/admin/personalities/calm/adapter`.
+        body: the JSON body, if any.
+        timeout_s: limit of one attempt, in seconds.
+        retry_server_errors: False for a call that must not run twice (a promote a
+            5xx may have applied anyway).
+        progress: called with a line per retry.
+        transport: an httpx transport to use instead of the network (tests).
+
+    Returns:
+        the service's JSON answer.
+
+    Raises:
+        httpx.HTTPStatusError: the service answered 4xx, or 5xx (after the retries).
+        httpx.TransportError: it could not be reached (after the retries), or timed out.
+    """
+    from tenacity import (
+        RetryCallState,
+        Retrying,
+        retry_if_exception,
+        stop_after_attempt,
+        wait_exponential,
+    )
+
+    def retryable(exc: BaseException) -> bool:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return True
+        return retry_server_errors and _retryable(exc)
+
+    def note(state: RetryCallState) -> None:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        reason = (
+            _service_error(exc.response)
+            if isinstance(exc, httpx.HTTPStatusError)
+            else f"{type(exc).__name__}: {exc}"
+        )
+        progress(f"{method} {route}: attempt {state.attempt_number} failed ({reason}); retrying")
+
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    with httpx.Client(timeout=timeout_s, transport=transport) as client:
+        for attempt in Retrying(
+            stop=stop_after_attempt(HOT_LOAD_ATTEMPTS),
+            wait=wait_exponential(multiplier=0.5, max=HOT_LOAD_BACKOFF_MAX_S),
+            retry=retry_if_exception(retryable),
+            before_sleep=note,
+            reraise=True,
+        ):
+            with attempt:
+                response = client.request(
+                    method, f"{service_url.rstrip('/')}{route}", json=body, headers=headers
+                )
+                response.raise_for_status()
+                answer: dict[str, Any] = response.json()
+                return answer
+    raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+
+def personality_route(personality: str, suffix: str) -> str:
+    """`/admin/personalities/{personality}/{suffix}`, the name URL-quoted."""
+    return f"/admin/personalities/{quote(personality, safe='')}/{suffix}"
+
+
 def hot_load(
     service_url: str,
     admin_token: str,
@@ -333,15 +414,8 @@ def hot_load(
     progress: Callable[[str], None] = lambda _: None,
     transport: httpx.BaseTransport | None = None,
 ) -> dict[str, Any]:
-    """PUT the adapter into the running service, with retries (module docstring, step 4).
-
-    Args:
-        service_url: the gateway's base URL, e.g. `http://127.0.0.1:8000`.
-        admin_token: its `FASTRESP_ADMIN_TOKEN`; sent as a bearer token, never logged.
-        personality, path, version: what to load; `path` as the service sees it.
-        timeout_s: limit of one attempt, in seconds.
-        progress: called with a line per retry.
-        transport: an httpx transport to use instead of the network (tests).
+    """PUT the adapter into the running service, with retries (module docstring, step 4;
+    `admin_request`).
 
     Returns:
         the service's answer: `{"active": {...}}` (`GET /admin/adapters` shape).
@@ -350,42 +424,38 @@ def hot_load(
         httpx.HTTPStatusError: the service answered 4xx, or 5xx after the retries.
         httpx.TransportError: it could not be reached (after the retries), or timed out.
     """
-    from tenacity import (
-        RetryCallState,
-        Retrying,
-        retry_if_exception,
-        stop_after_attempt,
-        wait_exponential,
+    return admin_request(
+        service_url,
+        admin_token,
+        "PUT",
+        personality_route(personality, "adapter"),
+        {"path": str(path), "version": version},
+        timeout_s=timeout_s,
+        progress=progress,
+        transport=transport,
     )
 
-    def note(state: RetryCallState) -> None:
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        reason = (
-            _service_error(exc.response)
-            if isinstance(exc, httpx.HTTPStatusError)
-            else f"{type(exc).__name__}: {exc}"
-        )
-        progress(f"hot-load attempt {state.attempt_number} failed ({reason}); retrying")
 
-    url = f"{service_url}/admin/personalities/{quote(personality, safe='')}/adapter"
-    headers = {"Authorization": f"Bearer {admin_token}"}
-    with httpx.Client(timeout=timeout_s, transport=transport) as client:
-        for attempt in Retrying(
-            stop=stop_after_attempt(HOT_LOAD_ATTEMPTS),
-            wait=wait_exponential(multiplier=0.5, max=HOT_LOAD_BACKOFF_MAX_S),
-            retry=retry_if_exception(_retryable),
-            before_sleep=note,
-            reraise=True,
-        ):
-            with attempt:
-                response = client.put(
-                    url, json={"path": str(path), "version": version}, headers=headers
-                )
-                response.raise_for_status()
-                body: dict[str, Any] = response.json()
-                return body
-    raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+def mark_active(store: Path, personality: str, version: str) -> bool:
+    """Make the published `version` of `personality` the store's active one (the
+    gateway loads it at its next start), e.g. after a canary promote.
+
+    Returns:
+        False when the store has no such version (nothing is written).
+
+    Raises:
+        PublishedStoreError: `published.json` is invalid. OSError: it cannot be written.
+    """
+    if not (store / PUBLISHED_FILE).is_file():
+        return False
+    with store_lock(store):
+        published = read_published(store)
+        entry = published.personalities.get(personality)
+        if entry is None or entry.get(version) is None:
+            return False
+        entry.active = version
+        write_published(store, published)
+    return True
 
 
 def publish_adapter(
@@ -401,6 +471,7 @@ def publish_adapter(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     progress: Callable[[str], None] = lambda _: None,
     transport: httpx.BaseTransport | None = None,
+    activate: bool = True,
 ) -> PublishResult:
     """Check, version, record and (with `service_url`) hot-load an adapter.
 
@@ -417,6 +488,8 @@ def publish_adapter(
         timeout_s: limit of one hot-load attempt, in seconds.
         progress: called with one line per step (the CLI prints them on stderr).
         transport: an httpx transport for the hot-load (tests).
+        activate: False: record the version only, without making it active (for a
+            canary, `fastresp adapters canary`); not with `service_url`.
 
     Returns:
         the published version (`hot_loaded` True when the service loaded it).
@@ -429,6 +502,8 @@ def publish_adapter(
             the way out) or a version folder without a record is left.
     """
     url = _check_url(service_url) if service_url is not None else None
+    if url is not None and not activate:
+        raise PublishError("activate", "a hot-load (service URL) always makes the version active")
     if url is not None and not admin_token:
         raise PublishError("admin_token", "a service URL needs the service's admin token")
     progress(f"checking {adapter_dir} for personality {personality!r}")
@@ -452,7 +527,7 @@ def publish_adapter(
             card,
             hashlib.sha256(raw).hexdigest(),
             adapter_dir.absolute(),
-            activate=url is None,
+            activate=url is None and activate,
         )
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already when it was renamed

@@ -12,14 +12,23 @@ personality to them:
   uses the old version and one admitted after it the new one;
 - the replaced adapter is unloaded once the last request holding a lease on it ends;
 - changes published by other gateway replicas (through the store) are applied the
-  same way, in revision order.
+  same way, in revision order;
+- a canary: a second version serves `weight` percent of a personality's sessions,
+  picked by `canary_bucket` (a hash of personality and session id), so a session
+  keeps its version for as long as the weight stays; raising the weight only moves
+  sessions from the stable version to the canary. `promote` makes the canary the
+  stable version, `rollback` drops it; both switch with one assignment, so every
+  request admitted afterwards gets the stable version. While a canary runs, a plain
+  swap or unload is refused (`CanaryConflict`): promote or roll back first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -32,6 +41,7 @@ from service.engine import AdapterRef, Engine, GenerationRequest
 from service.errors import (
     AdapterLoadFailed,
     AdapterRejected,
+    CanaryConflict,
     EngineError,
     FastResponseError,
     RegistryUnavailable,
@@ -40,12 +50,24 @@ from service.errors import (
 from service.metrics import BASE_ADAPTER, BASE_VERSION, Metrics
 from service.personalities import Personality
 from service.prompts import Turn, build_prompt
-from service.registry_store import AdapterRecord, RegistryStore
+from service.registry_store import AdapterRecord, CanaryRecord, RegistryStore
 
 logger = logging.getLogger(__name__)
 
 #: Longest the warm-up generation of a new adapter may take before the swap is refused.
 SWAP_WARM_UP_TIMEOUT_S = 60.0
+
+
+def canary_bucket(personality: str, session: str) -> float:
+    """Where `session` of `personality` falls in [0, 100); it hears the canary when the
+    bucket is below the canary's weight (percent).
+
+    The first 8 bytes of sha256(personality NUL session), scaled: the same on every
+    replica and after restarts (Python's `hash` is salted per process), uniform, and
+    independent between personalities.
+    """
+    digest = hashlib.sha256(f"{personality}\0{session}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") * 100.0 / 2**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +112,24 @@ class _Slot:
 
 @dataclass(slots=True)
 class _State:
-    """One personality's state: its name, its lock, its slot (None: base model), the
-    newest store revision applied."""
+    """One personality's state: its name, its lock, its stable slot (None: base
+    model), its canary slot and weight (percent of sessions), the newest store
+    revision applied."""
 
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     slot: _Slot | None = None
     revision: int = 0
+    canary: _Slot | None = None
+    canary_weight: float = 0.0
+
+    def pick(self, session: str | None) -> _Slot | None:
+        """The slot serving `session` now (no session: chosen at random)."""
+        canary = self.canary
+        if canary is None:
+            return self.slot
+        bucket = random.uniform(0, 100) if session is None else canary_bucket(self.name, session)
+        return canary if bucket < self.canary_weight else self.slot
 
 
 class AdapterRegistry:
@@ -146,14 +179,23 @@ class AdapterRegistry:
         """personality -> its active adapter (None: base model), in manifest order."""
         return {name: self.active(name) for name in self._personalities}
 
-    @contextmanager
-    def lease(self, name: str) -> Iterator[ActiveAdapter | None]:
-        """Hold the adapter active at admission for one request.
+    def canary(self, name: str) -> tuple[ActiveAdapter, float] | None:
+        """The canary of `name` and its weight (percent of sessions); None without one."""
+        state = self._states.get(name)
+        if state is None or state.canary is None:
+            return None
+        return state.canary.adapter, state.canary_weight
 
+    @contextmanager
+    def lease(self, name: str, session: str | None = None) -> Iterator[ActiveAdapter | None]:
+        """Hold the adapter that serves `session` of `name` now, for one request.
+
+        `session`: the session id (falls back to the request id when the client sends
+        none); with a canary running it picks the version, sticky per session.
         The adapter is not unloaded while a lease on it is held, even after a swap.
         """
         state = self._states.get(name)
-        slot = state.slot if state else None
+        slot = state.pick(session) if state else None
         if slot is None:
             yield None
             return
@@ -184,6 +226,7 @@ class AdapterRegistry:
             UnknownPersonality: `name` is not in the manifest (404).
             AdapterRejected: the adapter failed validation (422); nothing changed.
             AdapterLoadFailed: the engine refused it or its warm-up failed (502).
+            CanaryConflict: a canary runs for `name` (409); nothing changed.
             RegistryUnavailable: the shared store is down (503); nothing changed.
         """
         state = self._state(name)
@@ -198,6 +241,7 @@ class AdapterRegistry:
                 allow_base_model_mismatch=allow_base_model_mismatch,
             )
             async with state.lock:
+                self._refuse_during_canary(state, "load another version")
                 slot = await self._load(name, validated)
                 try:
                     record = await self._store.publish(name, str(path), validated.version)
@@ -229,15 +273,155 @@ class AdapterRegistry:
 
         Raises:
             UnknownPersonality: `name` is not in the manifest (404).
+            CanaryConflict: a canary runs for `name` (409); nothing changed.
             RegistryUnavailable: the shared store is down (503); nothing changed.
         """
         state = self._state(name)
         async with state.lock:
+            self._refuse_during_canary(state, "unload the adapter")
             previous = state.slot
             record = await self._store.publish(name, None, None)
             self._switch(state, None, record.revision)
         logger.info("personality %s: base model (revision %d)", name, record.revision)
         return previous.adapter if previous else None
+
+    async def start_canary(
+        self,
+        name: str,
+        path: Path,
+        weight: float,
+        version: str | None = None,
+        *,
+        allow_base_model_mismatch: bool = False,
+    ) -> ActiveAdapter:
+        """Serve the adapter at `path` to `weight` percent of `name`'s sessions, beside
+        the stable version (the base model when there is none); publish the change.
+
+        Called again with the running canary's path and version, it only changes the
+        weight (nothing is reloaded). Another version replaces the running canary.
+
+        Returns:
+            the canary adapter.
+
+        Raises:
+            ValueError: `weight` is not in (0, 100).
+            UnknownPersonality: `name` is not in the manifest (404).
+            AdapterRejected: the adapter failed validation (422); nothing changed.
+            CanaryConflict: its version is the stable version (409); nothing changed.
+            AdapterLoadFailed: the engine refused it or its warm-up failed (502).
+            RegistryUnavailable: the shared store is down (503); nothing changed.
+        """
+        if not 0 < weight < 100:
+            raise ValueError(f"canary weight {weight} is not in (0, 100)")
+        state = self._state(name)
+        try:
+            validated = await asyncio.to_thread(
+                validate_adapter,
+                path,
+                self._base,
+                self._max_lora_rank,
+                version=version,
+                allow_base_model_mismatch=allow_base_model_mismatch,
+            )
+            async with state.lock:
+                stable = state.slot
+                if stable is not None and stable.adapter.version == validated.version:
+                    raise CanaryConflict(
+                        f"{name} already serves version {validated.version!r} as its stable "
+                        "version; a canary needs another version",
+                        loc=("body", "version"),
+                    )
+                running = state.canary
+                reuse = running is not None and (
+                    running.adapter.ref.path == validated.path
+                    and running.adapter.version == validated.version
+                )
+                slot = (
+                    running if reuse and running is not None else await self._load(name, validated)
+                )
+                canary = CanaryRecord(str(slot.adapter.ref.path), validated.version, weight)
+                try:
+                    record = await self._store.publish(
+                        name,
+                        str(stable.adapter.ref.path) if stable else None,
+                        stable.adapter.version if stable else None,
+                        canary,
+                    )
+                except BaseException:
+                    if not reuse:
+                        self._unload_later(slot.adapter.ref)
+                    raise
+                self._set(state, stable, slot, weight, record.revision)
+        except BaseException as exc:
+            self._metrics.adapter_swaps.labels(name, type(exc).__name__).inc()
+            raise
+        self._metrics.adapter_swaps.labels(name, "ok").inc()
+        logger.info(
+            "personality %s: canary %s serves %g%% of sessions (revision %d)",
+            name,
+            validated.version,
+            weight,
+            record.revision,
+        )
+        return slot.adapter
+
+    async def promote(self, name: str) -> ActiveAdapter:
+        """Make `name`'s canary its stable version, for every session; publish it.
+
+        Returns:
+            the promoted adapter, now stable.
+
+        Raises:
+            UnknownPersonality: `name` is not in the manifest (404).
+            CanaryConflict: `name` has no canary (409).
+            RegistryUnavailable: the shared store is down (503); nothing changed.
+        """
+        state = self._state(name)
+        async with state.lock:
+            canary = state.canary
+            if canary is None:
+                raise CanaryConflict(f"{name} has no canary to promote", loc=("path", "name"))
+            adapter = canary.adapter
+            record = await self._store.publish(name, str(adapter.ref.path), adapter.version)
+            self._set(state, canary, None, 0.0, record.revision)
+        logger.info(
+            "personality %s: canary %s promoted (revision %d)",
+            name,
+            adapter.version,
+            record.revision,
+        )
+        return canary.adapter
+
+    async def rollback(self, name: str) -> ActiveAdapter:
+        """Drop `name`'s canary: every request admitted from now on gets the stable
+        version. Requests already running on the canary finish on it.
+
+        Returns:
+            the canary that was dropped.
+
+        Raises:
+            UnknownPersonality: `name` is not in the manifest (404).
+            CanaryConflict: `name` has no canary (409).
+            RegistryUnavailable: the shared store is down (503); nothing changed.
+        """
+        state = self._state(name)
+        async with state.lock:
+            canary, stable = state.canary, state.slot
+            if canary is None:
+                raise CanaryConflict(f"{name} has no canary to roll back", loc=("path", "name"))
+            record = await self._store.publish(
+                name,
+                str(stable.adapter.ref.path) if stable else None,
+                stable.adapter.version if stable else None,
+            )
+            self._set(state, stable, None, 0.0, record.revision)
+        logger.info(
+            "personality %s: canary %s rolled back (revision %d)",
+            name,
+            canary.adapter.version,
+            record.revision,
+        )
+        return canary.adapter
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -280,8 +464,7 @@ class AdapterRegistry:
             await asyncio.gather(self._follower, return_exceptions=True)
         if unload:
             for state in self._states.values():
-                if state.slot is not None:
-                    self._switch(state, None, state.revision)
+                self._set(state, None, None, 0.0, state.revision)
         await self.drain()
 
     async def drain(self) -> None:
@@ -361,15 +544,45 @@ class AdapterRegistry:
         return _Slot(adapter)
 
     def _switch(self, state: _State, slot: _Slot | None, revision: int) -> None:
-        """Make `slot` active (no await: atomic for every request) and retire the old one."""
-        if slot is not None:
-            slot.adapter = replace(slot.adapter, revision=revision)
-        previous, state.slot, state.revision = state.slot, slot, revision
-        self._publish_active(state.name, slot)
-        if previous is not None:
-            previous.retired = True
-            if previous.leases == 0:
-                self._unload_later(previous.adapter.ref)
+        """Make `slot` active, with no canary, and retire the old slot(s)."""
+        self._set(state, slot, None, 0.0, revision)
+
+    def _set(
+        self,
+        state: _State,
+        stable: _Slot | None,
+        canary: _Slot | None,
+        weight: float,
+        revision: int,
+    ) -> None:
+        """Make `stable` and `canary` (at `weight` percent) serve `state` (no await:
+        atomic for every request) and retire the slots no longer used."""
+        for slot in (stable, canary):
+            if slot is not None:
+                slot.adapter = replace(slot.adapter, revision=revision)
+        previous = [s for s in (state.slot, state.canary) if s is not None]
+        state.slot, state.canary, state.canary_weight = stable, canary, weight
+        state.revision = revision
+        self._publish_active(state.name, stable)
+        self._metrics.set_canary(
+            state.name,
+            None if canary is None else (canary.adapter.ref.path.name, canary.adapter.version),
+            weight,
+        )
+        for slot in previous:
+            if slot is not stable and slot is not canary:
+                slot.retired = True
+                if slot.leases == 0:
+                    self._unload_later(slot.adapter.ref)
+
+    @staticmethod
+    def _refuse_during_canary(state: _State, what: str) -> None:
+        if state.canary is not None:
+            raise CanaryConflict(
+                f"{state.name} runs canary {state.canary.adapter.version!r}: promote or roll "
+                f"it back before you {what}",
+                loc=("path", "name"),
+            )
 
     def _publish_active(self, name: str, slot: _Slot | None) -> None:
         """`fastresp_active_adapter_info` of `name`: the adapter folder's name and the
@@ -403,19 +616,24 @@ class AdapterRegistry:
         async with state.lock:
             if record.revision <= state.revision:
                 return
+            loaded: list[_Slot] = []
             try:
-                slot = None
-                if record.path is not None:
-                    validated = await asyncio.to_thread(
-                        validate_adapter,
-                        Path(record.path),
-                        self._base,
-                        self._max_lora_rank,
-                        version=record.version,
-                        allow_base_model_mismatch=True,  # checked by the replica that published it
+                has_canary = record.canary is not None
+                slot = await self._slot_for(
+                    state, record.path, record.version, loaded, loaded_canary=has_canary
+                )
+                canary = None
+                if record.canary is not None:
+                    canary = await self._slot_for(
+                        state,
+                        record.canary.path,
+                        record.canary.version,
+                        loaded,
+                        loaded_canary=True,
                     )
-                    slot = await self._load(record.personality, validated)
             except FastResponseError as exc:
+                for new in loaded:
+                    self._unload_later(new.adapter.ref)
                 self._metrics.adapter_swaps.labels(record.personality, type(exc).__name__).inc()
                 if fail:
                     exc.message = (
@@ -433,7 +651,8 @@ class AdapterRegistry:
                     state.slot.adapter.version if state.slot else "the base model",
                 )
                 return
-            self._switch(state, slot, record.revision)
+            weight = record.canary.weight if record.canary is not None else 0.0
+            self._set(state, slot, canary, weight, record.revision)
             self._metrics.adapter_swaps.labels(record.personality, "ok").inc()
         logger.info(
             "personality %s: applied revision %d from the store (%s)",
@@ -441,6 +660,45 @@ class AdapterRegistry:
             record.revision,
             record.version or "base model",
         )
+
+    async def _slot_for(
+        self,
+        state: _State,
+        path: str | None,
+        version: str | None,
+        loaded: list[_Slot],
+        *,
+        loaded_canary: bool,
+    ) -> _Slot | None:
+        """The slot for the adapter at `path` (None: the base model): for a canary
+        change (`loaded_canary`: the record has a canary, or one runs now) the stable or
+        canary slot already serving it, else a new load (appended to `loaded`).
+
+        Raises AdapterRejected, AdapterLoadFailed.
+        """
+        if path is None:
+            return None
+        # Canary changes keep the versions they name loaded; a plain swap reloads, as
+        # `activate` does, so a replica never keeps weights the publisher replaced.
+        canary_change = loaded_canary or state.canary is not None
+        for slot in (state.slot, state.canary) if canary_change else ():
+            if (
+                slot is not None
+                and slot.adapter.ref.path == Path(path)
+                and version in (None, slot.adapter.version)
+            ):
+                return slot
+        validated = await asyncio.to_thread(
+            validate_adapter,
+            Path(path),
+            self._base,
+            self._max_lora_rank,
+            version=version,
+            allow_base_model_mismatch=True,  # checked by the replica that published it
+        )
+        slot = await self._load(state.name, validated)
+        loaded.append(slot)
+        return slot
 
     async def _follow(self) -> None:
         """Apply every change other replicas publish (the store resyncs on reconnect)."""

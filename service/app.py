@@ -171,7 +171,7 @@ class RequestOutcomes:
             return  # the lifespan has not started (or failed)
         known = service.personalities if service is not None else ()
         personality = personality_of(body, known) if known else UNKNOWN_PERSONALITY
-        metrics.requests.labels(personality, NO_SOURCE, outcome_of(status)).inc()
+        metrics.requests.labels(personality, NO_SOURCE, outcome_of(status), NO_SOURCE).inc()
 
 
 def open_request_log(settings: Settings) -> RequestLogHook | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,6 +32,7 @@ _OPTION_OF_FIELD = {
     "model": "--model",
     "url": "--url",
     "admin_token": "--token-env",
+    "activate": "--no-activate",
 }
 
 
@@ -90,6 +91,14 @@ def publish(
     timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds one hot-load attempt may take.")
     ] = 120.0,
+    activate: Annotated[
+        bool,
+        typer.Option(
+            help="--no-activate: record the version only; the gateway keeps serving its "
+            "version, also after a restart. For a canary: then `fastresp adapters canary "
+            "NAME --version VN`. Not with --url."
+        ),
+    ] = True,
 ) -> None:
     """Publish an adapter as the personality's next version (v1, v2, ...).
 
@@ -134,6 +143,7 @@ def publish(
             admin_token=token,
             timeout_s=timeout,
             progress=progress,
+            activate=activate,
         )
     except PublishError as exc:
         where = _OPTION_OF_FIELD.get(exc.field, exc.field)
@@ -155,7 +165,13 @@ def publish(
         fail(f"cannot write the store {settings.resolved_adapter_store()}: {exc}", code=1)
         raise
     before = f" (was {result.previous_version})" if result.previous_version else ""
-    if result.hot_loaded:
+    if not activate:
+        typer.echo(
+            f"published {personality} {result.version} at {result.path}; recorded, not "
+            f"active: try it with `fastresp adapters canary {personality} --version "
+            f"{result.version} --weight 10`"
+        )
+    elif result.hot_loaded:
         typer.echo(
             f"published {personality} {result.version} at {result.path}; "
             f"the gateway at {url} serves it now{before}"
@@ -209,3 +225,168 @@ def list_versions(
     typer.echo("personality\tversion\tstate\tpublished\tsource")
     for line in lines:
         typer.echo(line)
+
+
+# -- canary rollout (admin API of a running gateway) -----------------------------------
+
+UrlOption = Annotated[
+    str,
+    typer.Option(
+        envvar="FASTRESP_URL",
+        help="Base URL of the running gateway whose admin API is called ($FASTRESP_URL).",
+    ),
+]
+TokenEnvOption = Annotated[
+    str,
+    typer.Option(
+        help="Environment variable holding the gateway's admin token (the token itself is "
+        "never a command-line value)."
+    ),
+]
+NameArgument = Annotated[
+    str, typer.Argument(metavar="NAME", help="The personality.", show_default=False)
+]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _admin(
+    url: str,
+    token_env: str,
+    method: str,
+    name: str,
+    suffix: str,
+    body: dict[str, object] | None = None,
+    *,
+    retry_server_errors: bool = True,
+) -> dict[str, Any]:
+    """Call the gateway's admin API; exits 1 with the gateway's answer when it refuses
+    or cannot be reached, 2 when the token variable is unset."""
+    import httpx
+
+    from adapters.publish import _service_error, admin_request, personality_route
+
+    token = os.environ.get(token_env) or None
+    if token is None:
+        fail(f"--token-env: ${token_env} is not set; the admin API needs the gateway's token")
+    try:
+        return admin_request(
+            url,
+            token,
+            method,
+            personality_route(name, suffix),
+            body,
+            retry_server_errors=retry_server_errors,
+            progress=progress,
+        )
+    except httpx.HTTPStatusError as exc:
+        fail(f"the gateway at {url} refused: {_service_error(exc.response)}", code=1)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the gateway at {url}: {type(exc).__name__}: {exc}", code=1)
+
+
+def _version_of(adapter: dict[str, Any] | None) -> str:
+    return "the base model" if adapter is None else str(adapter["version"])
+
+
+@app.command()
+def canary(
+    name: NameArgument,
+    version: Annotated[
+        str,
+        typer.Option(
+            help="The published version to try (as `fastresp adapters list` shows it, e.g. v3).",
+            show_default=False,
+        ),
+    ],
+    weight: Annotated[
+        float,
+        typer.Option(
+            help="Percent of NAME's sessions, above 0 and below 100, that get the canary; "
+            "the rest keep the stable version. A session keeps its version while the weight "
+            "stays (a hash of session id and personality decides); run again with another "
+            "weight to change it.",
+        ),
+    ] = 10.0,
+    url: UrlOption = DEFAULT_URL,
+    token_env: TokenEnvOption = "FASTRESP_ADMIN_TOKEN",
+    store: StoreOption = None,
+) -> None:
+    """Serve a published version to WEIGHT percent of NAME's sessions beside its stable
+    version, through the running gateway's admin API.
+
+    Watch the Grafana "Canary" row (latency, fallback rate and satisfaction per adapter
+    version), then `fastresp adapters promote NAME` or `fastresp adapters rollback NAME`.
+    While a canary runs the gateway refuses a plain swap of NAME (publish --url).
+
+    Exit codes: 0 the canary serves; 1 the gateway refused it or cannot be reached (it
+    keeps serving what it served); 2 bad options (an unknown version, no token).
+    """
+    from service.adapter_store import PublishedStoreError, read_published
+
+    if not 0 < weight < 100:
+        fail(f"--weight: {weight:g} is not above 0 and below 100")
+    root = (store if store is not None else load_settings().resolved_adapter_store()).absolute()
+    try:
+        entry = read_published(root).personalities.get(name)
+    except PublishedStoreError as exc:
+        fail(f"--store: {exc}")
+    published = entry.get(version) if entry is not None else None
+    if entry is None or published is None:
+        known = ", ".join(v.version for v in entry.versions) if entry else "none"
+        fail(
+            f"--version: {name} has no published version {version!r} in {root} (published: {known})"
+        )
+    answer = _admin(
+        url,
+        token_env,
+        "PUT",
+        name,
+        "canary",
+        {"path": str(root / published.path), "version": version, "weight": weight},
+    )
+    typer.echo(
+        f"{name}: canary {version} serves {weight:g}% of sessions; "
+        f"{_version_of(answer.get('active'))} serves the rest"
+    )
+
+
+@app.command()
+def promote(
+    name: NameArgument,
+    url: UrlOption = DEFAULT_URL,
+    token_env: TokenEnvOption = "FASTRESP_ADMIN_TOKEN",
+    store: StoreOption = None,
+) -> None:
+    """Make NAME's canary its stable version for every session, and record it as the
+    store's active version so the gateway serves it after a restart too.
+
+    Exit codes: 0 promoted; 1 the gateway refused (e.g. no canary runs: HTTP 409) or
+    cannot be reached; 2 bad options.
+    """
+    from adapters.publish import mark_active
+
+    answer = _admin(url, token_env, "POST", name, "canary/promote", retry_server_errors=False)
+    version = _version_of(answer["active"])
+    root = (store if store is not None else load_settings().resolved_adapter_store()).absolute()
+    recorded = mark_active(root, name, version)
+    where = f"; recorded as active in {root}" if recorded else f" ({version} is not in {root})"
+    typer.echo(f"{name}: {version} is the stable version for every session{where}")
+
+
+@app.command()
+def rollback(
+    name: NameArgument,
+    url: UrlOption = DEFAULT_URL,
+    token_env: TokenEnvOption = "FASTRESP_ADMIN_TOKEN",
+) -> None:
+    """Drop NAME's canary: every request admitted from now on gets the stable version
+    (requests already running on the canary finish on it).
+
+    Exit codes: 0 rolled back; 1 the gateway refused (e.g. no canary runs: HTTP 409) or
+    cannot be reached; 2 bad options.
+    """
+    answer = _admin(url, token_env, "POST", name, "canary/rollback", retry_server_errors=False)
+    typer.echo(
+        f"{name}: canary {_version_of(answer['rolled_back'])} rolled back; "
+        f"{_version_of(answer.get('active'))} serves every new request"
+    )

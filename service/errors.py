@@ -88,6 +88,14 @@ class AdapterLoadFailed(FastResponseError):
     error_type = "adapter_load_failed"
 
 
+class CanaryConflict(FastResponseError):
+    """The change conflicts with the personality's canary state (409): a swap or
+    unload while a canary runs, or a promote/rollback without one."""
+
+    status_code = 409
+    error_type = "canary_conflict"
+
+
 class AdminUnauthorized(FastResponseError):
     """No bearer token was sent (401)."""
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from service.engine import Engine, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable, UnknownPersonality
 from service.guard import check_tone_fit, clean_fast_response
-from service.metrics import Metrics
+from service.metrics import BASE_VERSION, Metrics
 from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
 from service.schemas import FastResponseRequest, FastResponseResponse
@@ -58,8 +58,11 @@ class AdapterLookup(Protocol):
         """The adapter serving `name` now; None for the base model."""
         ...
 
-    def lease(self, name: str) -> AbstractContextManager[ActiveAdapter | None]:
-        """Hold the adapter active now for one request (not unloaded until released)."""
+    def lease(
+        self, name: str, session: str | None = None
+    ) -> AbstractContextManager[ActiveAdapter | None]:
+        """Hold the adapter serving `session` of `name` now, for one request (not
+        unloaded until released; with a canary running, the session picks the version)."""
         ...
 
 
@@ -169,7 +172,7 @@ class FastResponseService:
         request_id = request.request_id or uuid.uuid4().hex
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
         # The adapter active at admission answers, even if a swap happens meanwhile.
-        with self._adapters.lease(personality.name) as active:
+        with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             generation = GenerationRequest(
                 prompt=self.prompt_for(personality, turn, active is not None),
                 max_tokens=personality.sampling.max_tokens,
@@ -187,13 +190,14 @@ class FastResponseService:
             finally:
                 self._metrics.in_flight.dec()
         source = "model"
+        version = active.version if active else BASE_VERSION
         if text is None:
             source = "fallback"
             text = self._fallback(personality, request.user_turn)
-            self._metrics.fallbacks.labels(personality.name, reason).inc()
+            self._metrics.fallbacks.labels(personality.name, reason, version).inc()
         elapsed = time.perf_counter() - started
-        self._metrics.request_duration.labels(personality.name, source).observe(elapsed)
-        self._metrics.requests.labels(personality.name, source, "ok").inc()
+        self._metrics.request_duration.labels(personality.name, source, version).observe(elapsed)
+        self._metrics.requests.labels(personality.name, source, "ok", version).inc()
         return FastResponseResponse(
             fast_response=text,
             source=source,

@@ -234,8 +234,9 @@ class Metrics:
         self.request_duration = Histogram(
             "fastresp_request_duration_seconds",
             "Time from the start of handling (body parsed) to a 200 response, in seconds, "
-            "by personality and source (model, cache, fallback).",
-            ["personality", "source"],
+            "by personality, source (model, cache, fallback) and adapter_version (the "
+            "version that answered; base: the base model).",
+            ["personality", "source", "adapter_version"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -265,15 +266,17 @@ class Metrics:
         self.requests = Counter(
             "fastresp_requests_total",
             "POST /fast-response requests by personality (a manifest name or _unknown), "
-            "source (model, cache, fallback; none for errors) and outcome (ok, "
-            "client_error, server_error).",
-            ["personality", "source", "outcome"],
+            "source (model, cache, fallback; none for errors), outcome (ok, "
+            "client_error, server_error) and adapter_version (base: the base model; none "
+            "for errors).",
+            ["personality", "source", "outcome", "adapter_version"],
             registry=self.registry,
         )
         self.fallbacks = Counter(
             "fastresp_fallbacks_total",
-            "Fallback phrases served, by reason (deadline, engine_error, guard).",
-            ["personality", "reason"],
+            "Fallback phrases served, by reason (deadline, engine_error, guard) and "
+            "adapter_version (the version whose generation failed; base: the base model).",
+            ["personality", "reason", "adapter_version"],
             registry=self.registry,
         )
         self.cache_lookups = Counter(
@@ -310,6 +313,15 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        self.canary_weight = Gauge(
+            "fastresp_canary_weight_percent",
+            "Percent of a personality's sessions served by its canary adapter version "
+            "(adapter: folder name, version: its version); absent without a canary.",
+            ["personality", "adapter", "version"],
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        self._canary_labels: dict[str, tuple[str, str]] = {}  # personality -> (adapter, version)
         self.feedback_ratings = RatingHistogram()
         self.registry.register(self.feedback_ratings)
 
@@ -331,6 +343,20 @@ class Metrics:
                 self.active_adapter.labels(personality, *previous).set(0)
         self.active_adapter.labels(personality, *new).set(1)
         self._active_labels[personality] = new
+
+    def set_canary(self, personality: str, canary: tuple[str, str] | None, weight: float) -> None:
+        """Set `fastresp_canary_weight_percent` of `personality`: `canary` is (adapter
+        folder name, version), None to remove the series (set to 0 in multi-process
+        mode, where prometheus-client cannot remove one); `weight` in percent."""
+        previous = self._canary_labels.pop(personality, None)
+        if previous is not None and previous != canary:
+            if self.multiprocess_dir is None:
+                self.canary_weight.remove(personality, *previous)
+            else:
+                self.canary_weight.labels(personality, *previous).set(0)
+        if canary is not None:
+            self.canary_weight.labels(personality, *canary).set(weight)
+            self._canary_labels[personality] = canary
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition for `/metrics`.

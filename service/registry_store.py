@@ -8,7 +8,8 @@ replica that restarts picks up the current versions.
 - `RedisRegistryStore`: Redis, shared by replicas. Keys, for the prefix `p`
   (setting `redis_key_prefix`, default `fastresp`):
     - `p:adapters`: hash, field = personality, value = the record as JSON
-      (`{"personality", "path", "version", "revision", "updated_at"}`);
+      (`{"personality", "path", "version", "canary", "revision", "updated_at"}`,
+      `canary` null or `{"path", "version", "weight"}`);
     - `p:adapters:revision`: the revision counter (string integer);
     - `p:adapters:events`: pub/sub channel; each message is one record's JSON.
 
@@ -20,6 +21,7 @@ reconnect yields the current records again), never reorder one personality's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -43,6 +45,22 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class CanaryRecord:
+    """A second adapter version serving a share of a personality's sessions.
+
+    Attributes:
+        path: the canary adapter's directory on the engine's side.
+        version: its version label; differs from the stable version.
+        weight: the percentage of sessions it serves, 0 < weight < 100 (a session's
+            share is decided by `service.adapter_registry.canary_bucket`).
+    """
+
+    path: str
+    version: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterRecord:
     """The adapter serving one personality, as of one change.
 
@@ -55,6 +73,8 @@ class AdapterRecord:
             store (across personalities). Compare revisions, not `updated_at`.
         updated_at: when the change was stored, unix seconds (the Redis server's clock
             for `RedisRegistryStore`).
+        canary: the canary version serving a share of the sessions, or None (records
+            written before canaries existed have none).
     """
 
     personality: str
@@ -62,26 +82,34 @@ class AdapterRecord:
     version: str | None
     revision: int
     updated_at: float
+    canary: CanaryRecord | None = None
 
 
 class RegistryStore(Protocol):
     """The adapter registry's shared state (see the module docstring)."""
 
     async def publish(
-        self, personality: str, path: str | None, version: str | None
+        self,
+        personality: str,
+        path: str | None,
+        version: str | None,
+        canary: CanaryRecord | None = None,
     ) -> AdapterRecord:
         """Atomically assign the next revision, store the record and notify subscribers.
 
         Args:
             personality: non-empty personality id.
-            path: adapter directory, or None to serve the base model.
+            path: the stable adapter's directory, or None to serve the base model.
             version: adapter version label; must be None when `path` is None.
+            canary: the canary serving a share of the sessions, or None.
 
         Returns:
             The stored record, with its revision and `updated_at`.
 
         Raises:
-            ValueError: empty personality, or a version without a path.
+            ValueError: empty personality, a version without a path, or a canary with
+                an empty path or version, the stable version, or a weight outside
+                (0, 100).
             RegistryUnavailable: the store cannot be reached or is closed; nothing
                 was stored.
         """
@@ -111,11 +139,21 @@ class RegistryStore(Protocol):
         ...
 
 
-def _check_change(personality: str, path: str | None, version: str | None) -> None:
+def _check_change(
+    personality: str, path: str | None, version: str | None, canary: CanaryRecord | None
+) -> None:
     if not personality:
         raise ValueError("personality must be a non-empty string")
     if path is None and version is not None:
         raise ValueError(f"{personality}: version {version!r} given without an adapter path")
+    if canary is None:
+        return
+    if not canary.path or not canary.version:
+        raise ValueError(f"{personality}: a canary needs an adapter path and a version")
+    if canary.version == version:
+        raise ValueError(f"{personality}: canary version {version!r} is the stable version")
+    if not 0 < canary.weight < 100:
+        raise ValueError(f"{personality}: canary weight {canary.weight} is not in (0, 100)")
 
 
 class InMemoryRegistryStore:
@@ -132,14 +170,18 @@ class InMemoryRegistryStore:
         self._closed = False
 
     async def publish(
-        self, personality: str, path: str | None, version: str | None
+        self,
+        personality: str,
+        path: str | None,
+        version: str | None,
+        canary: CanaryRecord | None = None,
     ) -> AdapterRecord:
         """See `RegistryStore.publish`."""
-        _check_change(personality, path, version)
+        _check_change(personality, path, version, canary)
         if self._closed:
             raise RegistryUnavailable("the adapter registry store is closed")
         self._revision += 1
-        record = AdapterRecord(personality, path, version, self._revision, time.time())
+        record = AdapterRecord(personality, path, version, self._revision, time.time(), canary)
         self._records[personality] = record
         for queue in self._queues:
             queue.put_nowait(record)
@@ -291,13 +333,19 @@ class RedisRegistryStore:
         return cls(client, prefix=prefix, reconnect_backoff=reconnect_backoff, owns_client=True)
 
     async def publish(
-        self, personality: str, path: str | None, version: str | None
+        self,
+        personality: str,
+        path: str | None,
+        version: str | None,
+        canary: CanaryRecord | None = None,
     ) -> AdapterRecord:
         """See `RegistryStore.publish`. One Lua script: INCR, HSET and PUBLISH."""
-        _check_change(personality, path, version)
+        _check_change(personality, path, version, canary)
         if self._closed:
             raise RegistryUnavailable("the adapter registry store is closed")
-        head = json.dumps({"personality": personality, "path": path, "version": version})[:-1]
+        fields: dict[str, Any] = {"personality": personality, "path": path, "version": version}
+        fields["canary"] = dataclasses.asdict(canary) if canary is not None else None
+        head = json.dumps(fields)[:-1]
         try:
             payload = await self._publish_script(
                 keys=[self.hash_key, self.revision_key], args=[personality, head, self.channel]

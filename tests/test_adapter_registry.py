@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from adapters.random_lora import make_random_lora
-from service.adapter_registry import AdapterRegistry
+from service.adapter_registry import AdapterRegistry, canary_bucket
 from service.adapter_validation import BaseModelInfo
 from service.engine import AdapterRef, GenerationRequest, GenerationResult
-from service.errors import AdapterLoadFailed, AdapterRejected, EngineError
+from service.errors import AdapterLoadFailed, AdapterRejected, CanaryConflict, EngineError
 from service.metrics import Metrics
 from service.personalities import Personality
 from service.registry_store import InMemoryRegistryStore
@@ -151,3 +151,107 @@ async def test_deactivate_returns_to_the_base_model_and_unloads(
     assert registry.active("p1") is None
     await registry.drain()
     assert engine.loaded == {}
+
+
+# -- canary rollout ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_canary_serves_its_share_of_sessions_and_promote_keeps_the_loaded_adapter(
+    engine: FakeEngine, loras: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    registry = make_registry(engine, tiny_model_dir)
+    stable = await registry.activate("p1", loras["v1"])
+    canary = await registry.start_canary("p1", loras["v2"], 25.0)
+    sessions = [f"s{i}" for i in range(400)]
+
+    def served() -> dict[str, str | None]:
+        picks = {}
+        for session in sessions:
+            with registry.lease("p1", session) as active:
+                picks[session] = active.version if active else None
+        return picks
+
+    first = served()
+    assert set(first.values()) == {"v1", "v2"}
+    assert first == served()  # sticky
+    on_canary = {s for s, v in first.items() if v == "v2"}
+    assert on_canary == {s for s in sessions if canary_bucket("p1", s) < 25.0}
+    with registry.lease("p2", "s1") as other:
+        assert other is None  # another personality is untouched
+
+    # The same version again changes only the weight: nothing is reloaded, and every
+    # session on the canary at 25% stays on it at 50%.
+    added = len(engine.added)
+    assert (await registry.start_canary("p1", loras["v2"], 50.0)).ref == canary.ref
+    assert len(engine.added) == added
+    assert on_canary < {s for s, v in served().items() if v == "v2"}
+
+    promoted = await registry.promote("p1")
+    await registry.drain()
+    assert promoted.ref == canary.ref and registry.active("p1") == promoted
+    assert registry.canary("p1") is None
+    assert set(served().values()) == {"v2"}
+    assert set(engine.loaded) == {canary.ref.name}  # v1 unloaded, v2 not reloaded
+    assert stable.ref.name not in engine.loaded
+
+
+@pytest.mark.asyncio
+async def test_rollback_unloads_the_canary_and_conflicting_changes_are_refused(
+    engine: FakeEngine, loras: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    registry = make_registry(engine, tiny_model_dir)
+    with pytest.raises(CanaryConflict, match="no canary"):
+        await registry.rollback("p1")
+    with pytest.raises(CanaryConflict, match="no canary"):
+        await registry.promote("p1")
+    canary = await registry.start_canary("p1", loras["v2"], 10.0)  # stable: the base model
+    with pytest.raises(CanaryConflict, match="promote or roll it back"):
+        await registry.activate("p1", loras["v1"])
+    with pytest.raises(CanaryConflict, match="promote or roll it back"):
+        await registry.deactivate("p1")
+    assert registry.canary("p1") == (canary, 10.0)
+    with pytest.raises(ValueError, match="weight"):
+        await registry.start_canary("p1", loras["v2"], 100.0)
+
+    dropped = await registry.rollback("p1")
+    await registry.drain()
+    assert dropped.ref == canary.ref and registry.canary("p1") is None
+    assert engine.loaded == {}
+    assert all(lease_version(registry, f"s{i}") is None for i in range(200))
+
+    await registry.activate("p1", loras["v1"])
+    with pytest.raises(CanaryConflict, match="stable version"):
+        await registry.start_canary("p1", loras["v1"], 10.0)
+
+
+def lease_version(registry: AdapterRegistry, session: str) -> str | None:
+    with registry.lease("p1", session) as active:
+        return active.version if active else None
+
+
+@pytest.mark.asyncio
+async def test_a_request_admitted_on_the_canary_keeps_it_through_a_rollback(
+    engine: FakeEngine, loras: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    registry = make_registry(engine, tiny_model_dir)
+    canary = await registry.start_canary("p1", loras["v2"], 99.0)
+    session = next(f"s{i}" for i in range(100) if canary_bucket("p1", f"s{i}") < 99.0)
+    with registry.lease("p1", session) as held:
+        assert held == canary
+        await registry.rollback("p1")
+        await registry.drain()
+        assert canary.ref.name in engine.loaded
+    await registry.drain()
+    assert canary.ref.name not in engine.loaded
+
+
+def test_canary_buckets_are_uniform_and_independent_per_personality() -> None:
+    # 2,000 sessions at a 10% canary: the share is within 8-12% (binomial sd 0.67%).
+    sessions = [f"session-{i}" for i in range(2000)]
+    for personality in ("p1", "p2", "cheerful"):
+        share = sum(canary_bucket(personality, s) < 10.0 for s in sessions) / len(sessions)
+        assert 0.08 <= share <= 0.12, (personality, share)
+    same = sum((canary_bucket("p1", s) < 10.0) == (canary_bucket("p2", s) < 10.0) for s in sessions)
+    assert same < 1900  # not the same 10% of sessions for every personality
+    assert all(0.0 <= canary_bucket("p1", s) < 100.0 for s in sessions)

@@ -67,7 +67,7 @@ class NoAdapters:
         return None
 
     @contextmanager
-    def lease(self, name: str) -> Iterator[None]:
+    def lease(self, name: str, session: str | None = None) -> Iterator[None]:
         yield None
 
 
@@ -84,7 +84,8 @@ REQUEST = FastResponseRequest(personality="cheerful", user_turn="Red!", request_
 
 def _fallbacks(metrics: Metrics, reason: str) -> float:
     value = metrics.registry.get_sample_value(
-        "fastresp_fallbacks_total", {"personality": "cheerful", "reason": reason}
+        "fastresp_fallbacks_total",
+        {"personality": "cheerful", "reason": reason, "adapter_version": "base"},
     )
     return value or 0.0
 

@@ -408,7 +408,7 @@ def test_histogram_in_multi_worker_mode(tmp_path: Path) -> None:
         """
         from service.metrics import Metrics
         metrics = Metrics()
-        metrics.requests.labels("cheerful", "model", "ok").inc()
+        metrics.requests.labels("cheerful", "model", "ok", "base").inc()
         metrics.feedback_ratings.update({("cheerful", "v1", 3): 2})
         print(metrics.exposition().decode())
         """

@@ -58,8 +58,8 @@ def write_stale_run(directory: Path) -> None:
         f"counter_{STALE_PID}.db": (
             "fastresp_requests",
             "fastresp_requests_total",
-            ["personality", "source", "outcome"],
-            ["cheerful", "model", "ok"],
+            ["personality", "source", "outcome", "adapter_version"],
+            ["cheerful", "model", "ok", "base"],
             STALE_COUNT,
         ),
         f"gauge_livesum_{STALE_PID}.db": (

@@ -206,10 +206,19 @@ def test_recording_rules_cover_quantiles_rates_and_ratios() -> None:
                 f"{level}:fastresp_requests_server_error:ratio_rate{window}",
                 f"{level}:fastresp_fallbacks:ratio_rate{window}",
             }
+    # the canary comparison: stable and canary version side by side
+    expected |= {
+        "personality_version:fastresp_request_duration_seconds:p95_5m",
+        "personality_version:fastresp_fallbacks:ratio_rate5m",
+        "personality_version:fastresp_requests:rate5m",
+    }
     assert expected - recorded == set()
+    # the level names the labels the rule keeps (level:metric:operation)
+    kept = {"personality": "personality", "job": "job"}
+    kept["personality_version"] = "personality, adapter_version"
     for rule in _rules(RULES / "recording.yml"):
         level = rule["record"].split(":")[0]
-        assert f"by ({level}" in rule["expr"], rule["record"]
+        assert f"by ({kept[level]}" in rule["expr"], rule["record"]
 
 
 # ---- metric names -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from adapters.publish import HotLoadError, PublishError, hot_load, publish_adapter
+from adapters.publish import HotLoadError, PublishError, hot_load, mark_active, publish_adapter
 from service.adapter_store import PUBLISHED_FILE, PublishedFile, PublishedStoreError
 from service.app import create_app
 from service.cli import app as cli
@@ -33,7 +33,7 @@ from service.engine import Engine
 from service.errors import AdapterRejected
 from service.model_prep import TINY_MODEL_NAME
 from tests.conftest import engine_settings, serve
-from tests.swap_scenarios import AUTH, SIGNATURES, TOKEN, ask, put_adapter, write_manifest
+from tests.swap_scenarios import AUTH, SIGNATURES, TOKEN, TURN, ask, put_adapter, write_manifest
 
 runner = CliRunner()
 #: The environment variable the CLI tests read the admin token from.
@@ -561,3 +561,81 @@ async def test_a_missing_published_folder_fails_startup_naming_the_version(
     assert "personality 'p1' in published version v1 in" in message
     assert str((tmp_path / "store").absolute() / PUBLISHED_FILE) in message
     assert failed.value.error_type == "adapter_not_found"
+
+
+def adapters_cli(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
+    return runner.invoke(cli, ["adapters", *args], env={TOKEN_ENV: None, **(env or {})})
+
+
+async def versions_heard(client: httpx.AsyncClient, sessions: int = 60) -> set[str | None]:
+    """The adapter versions that answer p1 over `sessions` sessions (text checked)."""
+    heard = set()
+    for i in range(sessions):
+        response = await client.post(
+            "/fast-response", json={"personality": "p1", "session_id": f"s{i}", **TURN}
+        )
+        body = response.json()
+        assert response.status_code == 200 and body["source"] == "model", body
+        heard.add(body["adapter_version"])
+    return heard
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_canary_rollback_and_promote_from_the_cli_against_a_live_gateway(
+    engine: Engine,
+    tiny_model_dir: Path,
+    manifest: Path,
+    signature_adapters: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "store"
+    options = ["--store", str(store), "--model", str(tiny_model_dir)]
+    options += ["--personalities-file", str(manifest), "--token-env", TOKEN_ENV]
+    card = sft_card(tiny_model_dir)
+    alpha = with_card(signature_adapters["alpha"], tmp_path / "alpha", card)
+    assert publish_cli(alpha, "p1", *options).exit_code == 0  # v1, active
+    beta = with_card(signature_adapters["beta"], tmp_path / "beta", card)
+    recorded = publish_cli(beta, "p1", *options, "--no-activate")  # v2, recorded only
+    assert recorded.exit_code == 0, recorded.stderr
+    assert "recorded, not active: try it with `fastresp adapters canary p1" in recorded.stdout
+    assert published(store).personalities["p1"].active == "v1"
+    assert not mark_active(store, "p1", "v9")
+    settings = gateway_settings(tiny_model_dir, manifest, store, deadline_ms=30_000)
+    env = {TOKEN_ENV: TOKEN}
+    async with live_gateway(settings, engine) as url, httpx.AsyncClient(base_url=url) as client:
+        assert await versions_heard(client) == {"v1"}
+        common = ["--url", url, "--token-env", TOKEN_ENV]
+
+        unknown = adapters_cli("canary", "p1", "--version", "v9", "--store", str(store), *common)
+        assert unknown.exit_code == 2 and "--version" in unknown.stderr, unknown.stderr
+        assert "published: v1, v2" in unknown.stderr
+        no_token = adapters_cli("canary", "p1", "--version", "v2", "--store", str(store), *common)
+        assert no_token.exit_code == 2 and "--token-env" in no_token.stderr
+        early = await asyncio.to_thread(adapters_cli, "promote", "p1", *common, env=env)
+        assert early.exit_code == 1 and "409 canary_conflict" in early.stderr, early.stderr
+
+        started = await asyncio.to_thread(
+            adapters_cli,
+            "canary", "p1", "--version", "v2", "--weight", "50", "--store", str(store), *common,
+            env=env,
+        )  # fmt: skip
+        assert started.exit_code == 0, started.stderr
+        assert "p1: canary v2 serves 50% of sessions; v1 serves the rest" in started.stdout
+        assert await versions_heard(client) == {"v1", "v2"}
+
+        rolled = await asyncio.to_thread(adapters_cli, "rollback", "p1", *common, env=env)
+        assert rolled.exit_code == 0, rolled.stderr
+        assert "canary v2 rolled back; v1 serves every new request" in rolled.stdout
+        assert await versions_heard(client) == {"v1"}
+
+        args = ("canary", "p1", "--version", "v2", "--weight", "20", "--store", str(store))
+        assert (await asyncio.to_thread(adapters_cli, *args, *common, env=env)).exit_code == 0
+        promoted = await asyncio.to_thread(
+            adapters_cli, "promote", "p1", "--store", str(store), *common, env=env
+        )
+        assert promoted.exit_code == 0, promoted.stderr
+        assert "v2 is the stable version for every session; recorded as active" in promoted.stdout
+        assert await versions_heard(client) == {"v2"}
+        assert published(store).personalities["p1"].active == "v2"
+        assert TOKEN not in started.stdout + started.stderr + promoted.stdout + promoted.stderr

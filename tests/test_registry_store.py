@@ -26,6 +26,7 @@ from redis.backoff import ConstantBackoff
 from service.errors import RegistryUnavailable
 from service.registry_store import (
     AdapterRecord,
+    CanaryRecord,
     InMemoryRegistryStore,
     RedisRegistryStore,
     RegistryStore,
@@ -135,6 +136,42 @@ async def test_publish_rejects_a_version_without_a_path(replicas: Replicas) -> N
         await store.publish("bubbles", None, "1.0")
     with pytest.raises(ValueError, match="non-empty"):
         await store.publish("", "/a", "1.0")
+    assert await store.records() == {}
+
+
+@pytest.mark.asyncio
+async def test_a_canary_round_trips_to_other_replicas(replicas: Replicas) -> None:
+    store, other = replicas.new(), replicas.new()
+    seen = Collector(other)
+    try:
+        canary = CanaryRecord("/adapters/bubbles/v2", "v2", 12.5)
+        added = await store.publish("bubbles", "/adapters/bubbles/v1", "v1", canary)
+        assert added.canary == canary
+        assert await other.records() == {"bubbles": added}
+        assert (await seen.wait_for(is_(added))).canary == canary
+        promoted = await store.publish("bubbles", "/adapters/bubbles/v2", "v2")
+        assert (await other.records())["bubbles"].canary is None
+        assert await seen.wait_for(is_(promoted))
+    finally:
+        await seen.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("canary", "problem"),
+    [
+        (CanaryRecord("/a/v2", "v2", 0.0), "not in \\(0, 100\\)"),
+        (CanaryRecord("/a/v2", "v2", 100.0), "not in \\(0, 100\\)"),
+        (CanaryRecord("/a/v1", "v1", 10.0), "is the stable version"),
+        (CanaryRecord("", "v2", 10.0), "needs an adapter path"),
+    ],
+)
+async def test_publish_rejects_a_bad_canary(
+    replicas: Replicas, canary: CanaryRecord, problem: str
+) -> None:
+    store = replicas.new()
+    with pytest.raises(ValueError, match=problem):
+        await store.publish("bubbles", "/a/v1", "v1", canary)
     assert await store.records() == {}
 
 

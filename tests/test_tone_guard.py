@@ -49,7 +49,8 @@ def _service(engine: ScriptedEngine, metrics: Metrics, tone_guard: bool) -> Fast
 
 def _guard_fallbacks(metrics: Metrics) -> float:
     value = metrics.registry.get_sample_value(
-        "fastresp_fallbacks_total", {"personality": "cheerful", "reason": "guard"}
+        "fastresp_fallbacks_total",
+        {"personality": "cheerful", "reason": "guard", "adapter_version": "base"},
     )
     return value or 0.0
 
