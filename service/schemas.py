@@ -9,6 +9,7 @@ Length limits, in characters:
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -21,16 +22,35 @@ MAX_FEEDBACK_COMMENT_CHARS = 1000
 Source = Literal["model", "cache", "fallback"]
 
 
-def _not_blank(value: str) -> str:
-    """Refuse text with no visible character (spaces, zero-width and control characters)."""
-    if not any(ch.isprintable() and not ch.isspace() for ch in value):
-        raise ValueError("must not be empty or whitespace-only")
+#: C0 control characters but tab, newline and carriage return; DEL; C1 controls.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Unicode bidirectional embeddings, overrides and isolates (U+202A-U+202E,
+#: U+2066-U+2069): they reorder how text is displayed ("Trojan Source", CVE-2021-42574).
+_BIDI_CONTROLS = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+
+
+def _turn_text(value: str) -> str:
+    """Refuse text an ASR transcript or a tutor turn never holds: control characters
+    (NUL included), bidirectional overrides, and text without a letter or digit
+    (empty, whitespace-, punctuation- or emoji-only: nothing to react to). The message
+    names the problem and the character's code point, never the text."""
+    if (found := _CONTROL_CHARS.search(value)) is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(found[0]):04X})")
+    if (found := _BIDI_CONTROLS.search(value)) is not None:
+        raise ValueError(
+            f"must not contain bidirectional override characters (found U+{ord(found[0]):04X})"
+        )
+    if not any(ch.isalnum() for ch in value):
+        raise ValueError(
+            "must contain a letter or digit (empty, whitespace-, punctuation- or emoji-only "
+            "text has nothing to react to)"
+        )
     return value
 
 
-PikaTurn = Annotated[str, Field(max_length=MAX_PIKA_TURN_CHARS), AfterValidator(_not_blank)]
-UserTurn = Annotated[str, Field(max_length=MAX_USER_TURN_CHARS), AfterValidator(_not_blank)]
-MainResponse = Annotated[str, Field(max_length=MAX_MAIN_RESPONSE_CHARS), AfterValidator(_not_blank)]
+PikaTurn = Annotated[str, Field(max_length=MAX_PIKA_TURN_CHARS), AfterValidator(_turn_text)]
+UserTurn = Annotated[str, Field(max_length=MAX_USER_TURN_CHARS), AfterValidator(_turn_text)]
+MainResponse = Annotated[str, Field(max_length=MAX_MAIN_RESPONSE_CHARS), AfterValidator(_turn_text)]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 
 

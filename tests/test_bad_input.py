@@ -162,11 +162,25 @@ CASES: list[Case] = [
     bad("whitespace-only pika_turn", _body(pika_turn=" \t\n"), 422, "body", "pika_turn"),
     bad("user_turn over 500 chars", _body(user_turn="a" * 501), 422, "body", "user_turn"),
     bad("main_response over 2,000", _body(main_response="a" * 2001), 422, "body", "main_response"),
-    # Accepted on purpose: a turn with a visible character is the child's words, whatever
-    # else it holds (ASR can write emoji; a stray control character stays data).
-    accepted("emoji-only turn (accepted)", _body(user_turn="\U0001f984\U0001f308")),
-    accepted("RLO inside text (accepted)", _body(user_turn="\u202eRed!")),
-    accepted("NUL inside text (accepted)", _body(user_turn="Red\x00!")),
+    bad("emoji-only turn", _body(user_turn="\U0001f984\U0001f308"), 422, "body", "user_turn"),
+    bad("punctuation-only pika_turn", _body(pika_turn="?!"), 422, "body", "pika_turn"),
+    bad("RLO inside text", _body(user_turn="\u202eRed!"), 422, "body", "user_turn"),
+    bad(
+        "isolate inside main_response",
+        _body(main_response="Red \u2067x"),
+        422,
+        "body",
+        "main_response",
+    ),
+    bad("NUL inside text", _body(user_turn="Red\x00!"), 422, "body", "user_turn"),
+    bad("escape inside text", _body(user_turn="Red\x1b[31m!"), 422, "body", "user_turn"),
+    bad("C1 control inside text", _body(user_turn="Red\x85!"), 422, "body", "user_turn"),
+    # Accepted on purpose: words with emoji, accents, tabs and newlines, zero-width joiners.
+    accepted("emoji beside words", _body(user_turn="Red \U0001f984!")),
+    accepted(
+        "tab, newline and accents", _body(user_turn="caf\u00e9\tcr\u00e8me\nbr\u00fbl\u00e9e")
+    ),
+    accepted("a digit only", _body(user_turn="7")),
     # -- wrong types and nulls --
     bad("number for user_turn", _body(user_turn=5), 422, "body", "user_turn"),
     bad("number for personality", _body(personality=7), 422, "body", "personality"),
