@@ -436,26 +436,33 @@ def hot_load(
     )
 
 
-def mark_active(store: Path, personality: str, version: str) -> bool:
-    """Make the published `version` of `personality` the store's active one (the
-    gateway loads it at its next start), e.g. after a canary promote.
+def mark_active(store: Path, personality: str, adapter_path: Path) -> str | None:
+    """Make the published version of `personality` whose folder is `adapter_path` the
+    store's active one (the gateway loads it at its next start), e.g. after a canary
+    promote. Matched by folder, not by label: a version label names a store folder only
+    when the adapter was loaded from the store.
 
     Returns:
-        False when the store has no such version (nothing is written).
+        that version, or None when no published version has that folder (nothing is
+        written; also when the store has no published.json).
 
     Raises:
         PublishedStoreError: `published.json` is invalid. OSError: it cannot be written.
     """
-    if not (store / PUBLISHED_FILE).is_file():
-        return False
-    with store_lock(store):
-        published = read_published(store)
+    root = Path(os.path.abspath(store))
+    if not (root / PUBLISHED_FILE).is_file():
+        return None
+    target = Path(os.path.normpath(adapter_path))
+    with store_lock(root):
+        published = read_published(root)
         entry = published.personalities.get(personality)
-        if entry is None or entry.get(version) is None:
-            return False
-        entry.active = version
-        write_published(store, published)
-    return True
+        versions = entry.versions if entry is not None else []
+        match = next((v for v in versions if Path(os.path.normpath(root / v.path)) == target), None)
+        if entry is None or match is None:
+            return None
+        entry.active = match.version
+        write_published(root, published)
+    return match.version
 
 
 def publish_adapter(

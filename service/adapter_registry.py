@@ -384,6 +384,7 @@ class AdapterRegistry:
             adapter = canary.adapter
             record = await self._store.publish(name, str(adapter.ref.path), adapter.version)
             self._set(state, canary, None, 0.0, record.revision)
+        self._metrics.adapter_swaps.labels(name, "ok").inc()
         logger.info(
             "personality %s: canary %s promoted (revision %d)",
             name,
@@ -415,6 +416,7 @@ class AdapterRegistry:
                 stable.adapter.version if stable else None,
             )
             self._set(state, stable, None, 0.0, record.revision)
+        self._metrics.adapter_swaps.labels(name, "ok").inc()
         logger.info(
             "personality %s: canary %s rolled back (revision %d)",
             name,
@@ -607,7 +609,12 @@ class AdapterRegistry:
     async def _apply(self, record: AdapterRecord, *, fail: bool) -> None:
         """Apply a store record newer than what `record.personality` has.
 
-        Raises (only when `fail`): AdapterRejected, AdapterLoadFailed.
+        A canary this replica cannot load is not served here (logged and counted): the
+        stable version then answers all of this replica's sessions, so a replica still
+        starts when a canary's folder is gone.
+
+        Raises (only when `fail`): AdapterRejected, AdapterLoadFailed (the stable
+        version could not be loaded).
         """
         state = self._states.get(record.personality)
         if state is None:
@@ -617,23 +624,14 @@ class AdapterRegistry:
             if record.revision <= state.revision:
                 return
             loaded: list[_Slot] = []
+            canary_change = record.canary is not None or state.canary is not None
             try:
-                has_canary = record.canary is not None
                 slot = await self._slot_for(
-                    state, record.path, record.version, loaded, loaded_canary=has_canary
+                    state, record.path, record.version, loaded, canary_change=canary_change
                 )
-                canary = None
-                if record.canary is not None:
-                    canary = await self._slot_for(
-                        state,
-                        record.canary.path,
-                        record.canary.version,
-                        loaded,
-                        loaded_canary=True,
-                    )
+                canary = await self._canary_slot_for(state, record, loaded)
             except FastResponseError as exc:
-                for new in loaded:
-                    self._unload_later(new.adapter.ref)
+                self._forget(loaded)
                 self._metrics.adapter_swaps.labels(record.personality, type(exc).__name__).inc()
                 if fail:
                     exc.message = (
@@ -651,7 +649,10 @@ class AdapterRegistry:
                     state.slot.adapter.version if state.slot else "the base model",
                 )
                 return
-            weight = record.canary.weight if record.canary is not None else 0.0
+            except BaseException:  # cancelled (shutdown): leave nothing loaded behind
+                self._forget(loaded)
+                raise
+            weight = record.canary.weight if record.canary is not None and canary else 0.0
             self._set(state, slot, canary, weight, record.revision)
             self._metrics.adapter_swaps.labels(record.personality, "ok").inc()
         logger.info(
@@ -661,6 +662,35 @@ class AdapterRegistry:
             record.version or "base model",
         )
 
+    async def _canary_slot_for(
+        self, state: _State, record: AdapterRecord, loaded: list[_Slot]
+    ) -> _Slot | None:
+        """The slot of `record`'s canary; None without one, or when it cannot be loaded
+        here (logged and counted; the stable version serves this replica's sessions)."""
+        if record.canary is None:
+            return None
+        try:
+            return await self._slot_for(
+                state, record.canary.path, record.canary.version, loaded, canary_change=True
+            )
+        except FastResponseError as exc:
+            self._metrics.adapter_swaps.labels(record.personality, type(exc).__name__).inc()
+            logger.error(
+                "personality %s: cannot load canary %s of revision %d (%s): %s; this replica "
+                "serves the stable version to every session",
+                record.personality,
+                record.canary.version,
+                record.revision,
+                record.canary.path,
+                exc.message,
+            )
+            return None
+
+    def _forget(self, slots: list[_Slot]) -> None:
+        """Unload adapters loaded for a change that is not applied."""
+        for slot in slots:
+            self._unload_later(slot.adapter.ref)
+
     async def _slot_for(
         self,
         state: _State,
@@ -668,10 +698,10 @@ class AdapterRegistry:
         version: str | None,
         loaded: list[_Slot],
         *,
-        loaded_canary: bool,
+        canary_change: bool,
     ) -> _Slot | None:
         """The slot for the adapter at `path` (None: the base model): for a canary
-        change (`loaded_canary`: the record has a canary, or one runs now) the stable or
+        change (`canary_change`: the record has a canary, or one runs now) the stable or
         canary slot already serving it, else a new load (appended to `loaded`).
 
         Raises AdapterRejected, AdapterLoadFailed.
@@ -680,7 +710,6 @@ class AdapterRegistry:
             return None
         # Canary changes keep the versions they name loaded; a plain swap reloads, as
         # `activate` does, so a replica never keeps weights the publisher replaced.
-        canary_change = loaded_canary or state.canary is not None
         for slot in (state.slot, state.canary) if canary_change else ():
             if (
                 slot is not None

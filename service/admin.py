@@ -89,7 +89,7 @@ class AdapterLoadRequest(BaseModel):
 class CanaryRequest(AdapterLoadRequest):
     """`PUT /admin/personalities/{name}/canary` body."""
 
-    weight: float = Field(gt=0, lt=100)
+    weight: float = Field(gt=0, lt=100, allow_inf_nan=False)
     """Percent of the personality's sessions the canary serves; a session keeps its
     version while the weight stays (a hash of session id and personality decides)."""
 

@@ -314,8 +314,9 @@ def canary(
     """Serve a published version to WEIGHT percent of NAME's sessions beside its stable
     version, through the running gateway's admin API.
 
-    Watch the Grafana "Canary" row (latency, fallback rate and satisfaction per adapter
-    version), then `fastresp adapters promote NAME` or `fastresp adapters rollback NAME`.
+    Watch the Grafana rows "Canary rollout" (latency, fallback ratio and share per adapter
+    version) and "Satisfaction", then `fastresp adapters promote NAME` or
+    `fastresp adapters rollback NAME`.
     While a canary runs the gateway refuses a plain swap of NAME (publish --url).
 
     Exit codes: 0 the canary serves; 1 the gateway refused it or cannot be reached (it
@@ -364,13 +365,21 @@ def promote(
     cannot be reached; 2 bad options.
     """
     from adapters.publish import mark_active
+    from service.adapter_store import PublishedStoreError
 
     answer = _admin(url, token_env, "POST", name, "canary/promote", retry_server_errors=False)
-    version = _version_of(answer["active"])
+    version, path = _version_of(answer["active"]), Path(answer["active"]["path"])
+    typer.echo(f"{name}: {version} is the stable version for every session")
     root = (store if store is not None else load_settings().resolved_adapter_store()).absolute()
-    recorded = mark_active(root, name, version)
-    where = f"; recorded as active in {root}" if recorded else f" ({version} is not in {root})"
-    typer.echo(f"{name}: {version} is the stable version for every session{where}")
+    restart = "a gateway restarted without Redis serves the store's previous active version"
+    try:
+        recorded = mark_active(root, name, path)
+    except (PublishedStoreError, OSError) as exc:
+        fail(f"the store {root} was not updated ({exc}); {restart}", code=1)
+    if recorded is not None:
+        typer.echo(f"{name}: recorded {recorded} as the active version in {root}")
+    else:
+        progress(f"note: {path} is not a published version of {name} in {root}; {restart}")
 
 
 @app.command()

@@ -294,8 +294,9 @@ class Metrics:
         )
         self.adapter_swaps = Counter(
             "fastresp_adapter_swaps_total",
-            "Adapter activations (admin API or another replica), by personality and outcome "
-            "(ok, or the error class: AdapterRejected, AdapterLoadFailed, RegistryUnavailable).",
+            "Adapter changes (swaps, canary start, promote and rollback; admin API or another "
+            "replica), by personality and outcome (ok, or the error class: AdapterRejected, "
+            "AdapterLoadFailed, RegistryUnavailable, CanaryConflict).",
             ["personality", "outcome"],
             registry=self.registry,
         )

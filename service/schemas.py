@@ -27,19 +27,24 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 #: Unicode bidirectional embeddings, overrides and isolates (U+202A-U+202E,
 #: U+2066-U+2069): they reorder how text is displayed ("Trojan Source", CVE-2021-42574).
 _BIDI_CONTROLS = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+#: Unicode tag characters (U+E0000-U+E007F): invisible, and a known way to hide
+#: instructions for a language model inside text that looks harmless.
+_TAG_CHARS = re.compile(r"[\U000e0000-\U000e007f]")
 
 
 def _turn_text(value: str) -> str:
     """Refuse text an ASR transcript or a tutor turn never holds: control characters
-    (NUL included), bidirectional overrides, and text without a letter or digit
-    (empty, whitespace-, punctuation- or emoji-only: nothing to react to). The message
-    names the problem and the character's code point, never the text."""
+    (NUL included), bidirectional overrides, invisible tag characters, and text without
+    a letter or digit (empty, whitespace-, punctuation- or emoji-only: nothing to react
+    to). The message names the problem and the character's code point, never the text."""
     if (found := _CONTROL_CHARS.search(value)) is not None:
         raise ValueError(f"must not contain control characters (found U+{ord(found[0]):04X})")
     if (found := _BIDI_CONTROLS.search(value)) is not None:
         raise ValueError(
             f"must not contain bidirectional override characters (found U+{ord(found[0]):04X})"
         )
+    if (found := _TAG_CHARS.search(value)) is not None:
+        raise ValueError(f"must not contain invisible tag characters (found U+{ord(found[0]):04X})")
     if not any(ch.isalnum() for ch in value):
         raise ValueError(
             "must contain a letter or digit (empty, whitespace-, punctuation- or emoji-only "

@@ -3,6 +3,7 @@ the in-memory store). The real engine is covered in test_hot_swap.py."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from service.engine import AdapterRef, GenerationRequest, GenerationResult
 from service.errors import AdapterLoadFailed, AdapterRejected, CanaryConflict, EngineError
 from service.metrics import Metrics
 from service.personalities import Personality
-from service.registry_store import InMemoryRegistryStore
+from service.registry_store import CanaryRecord, InMemoryRegistryStore
 
 PERSONALITIES = {
     name: Personality(name=name, description="d", style="s", fallback_phrases=("Hm.",))
@@ -255,3 +256,72 @@ def test_canary_buckets_are_uniform_and_independent_per_personality() -> None:
     same = sum((canary_bucket("p1", s) < 10.0) == (canary_bucket("p2", s) < 10.0) for s in sessions)
     assert same < 1900  # not the same 10% of sessions for every personality
     assert all(0.0 <= canary_bucket("p1", s) < 100.0 for s in sessions)
+
+
+@pytest.mark.asyncio
+async def test_a_follower_reuses_loaded_versions_for_canary_changes(
+    loras: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    store = InMemoryRegistryStore()
+    base = BaseModelInfo.from_dir(tiny_model_dir)
+    engines = [FakeEngine(tokenizer), FakeEngine(tokenizer)]
+    leader, follower = (
+        AdapterRegistry(e, PERSONALITIES, base, 16, store, Metrics())  # type: ignore[arg-type]
+        for e in engines
+    )
+    await follower.start()
+    try:
+
+        async def settled(revision: int) -> None:
+            for _ in range(200):
+                active = follower.active("p1")
+                canary = follower.canary("p1")
+                newest = max(active.revision if active else 0, canary[0].revision if canary else 0)
+                if newest >= revision:
+                    await follower.drain()
+                    return
+                await asyncio.sleep(0.01)
+            pytest.fail(f"the follower did not apply revision {revision}")
+
+        stable = await leader.activate("p1", loras["v1"])
+        await settled(stable.revision)
+        assert len(engines[1].added) == 1
+        canary = await leader.start_canary("p1", loras["v2"], 10.0)
+        await settled(canary.revision)
+        assert len(engines[1].added) == 2  # only the canary is loaded
+        assert follower.canary("p1") is not None
+        weight = await leader.start_canary("p1", loras["v2"], 60.0)
+        await settled(weight.revision)
+        assert len(engines[1].added) == 2 and follower.canary("p1")[1] == 60.0  # type: ignore[index]
+        promoted = await leader.promote("p1")
+        await settled(promoted.revision)
+        assert len(engines[1].added) == 2  # the canary's adapter is now the stable one
+        assert follower.canary("p1") is None and follower.active("p1").version == "v2"  # type: ignore[union-attr]
+        assert set(engines[1].loaded) == {engines[1].added[1].name}
+    finally:
+        await follower.close()
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_replica_whose_canary_folder_is_gone_starts_on_the_stable_version(
+    engine: FakeEngine, loras: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    store = InMemoryRegistryStore()
+    base = BaseModelInfo.from_dir(tiny_model_dir)
+    gone = shutil.copytree(loras["v2"], tmp_path / "v2-copy")
+    await store.publish("p1", str(loras["v1"]), "v1", CanaryRecord(str(gone), "v2", 50.0))
+    shutil.rmtree(gone)
+    registry = AdapterRegistry(engine, PERSONALITIES, base, 16, store, Metrics())  # type: ignore[arg-type]
+    await registry.start()
+    try:
+        assert registry.canary("p1") is None
+        assert {lease_version(registry, f"s{i}") for i in range(50)} == {"v1"}
+    finally:
+        await registry.close()
+        await store.close()

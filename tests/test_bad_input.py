@@ -173,6 +173,13 @@ CASES: list[Case] = [
         "main_response",
     ),
     bad("NUL inside text", _body(user_turn="Red\x00!"), 422, "body", "user_turn"),
+    bad(
+        "tag characters inside text",
+        _body(user_turn="Red\U000e0069\U000e0067!"),
+        422,
+        "body",
+        "user_turn",
+    ),
     bad("escape inside text", _body(user_turn="Red\x1b[31m!"), 422, "body", "user_turn"),
     bad("C1 control inside text", _body(user_turn="Red\x85!"), 422, "body", "user_turn"),
     # Accepted on purpose: words with emoji, accents, tabs and newlines, zero-width joiners.

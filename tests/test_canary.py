@@ -192,8 +192,10 @@ async def test_a_rollback_under_load_fails_nothing_and_no_request_gets_the_canar
 
         users = [asyncio.create_task(user(c)) for c in (one, two) for _ in range(4)]
         try:
+            waited_until = time.perf_counter() + 120
             while sum(a["adapter_version"] == "beta" for a in answers) < 20:
                 assert not failures, failures
+                assert time.perf_counter() < waited_until, "20 canary answers took over 120 s"
                 await asyncio.sleep(0.05)
             # The rollback goes to replica one; replica two hears it through Redis.
             rolled_back = await one.post("/admin/personalities/p1/canary/rollback", headers=AUTH)

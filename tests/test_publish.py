@@ -600,7 +600,7 @@ async def test_canary_rollback_and_promote_from_the_cli_against_a_live_gateway(
     assert recorded.exit_code == 0, recorded.stderr
     assert "recorded, not active: try it with `fastresp adapters canary p1" in recorded.stdout
     assert published(store).personalities["p1"].active == "v1"
-    assert not mark_active(store, "p1", "v9")
+    assert mark_active(store, "p1", tmp_path / "alpha") is None  # not a store folder
     settings = gateway_settings(tiny_model_dir, manifest, store, deadline_ms=30_000)
     env = {TOKEN_ENV: TOKEN}
     async with live_gateway(settings, engine) as url, httpx.AsyncClient(base_url=url) as client:
@@ -635,7 +635,22 @@ async def test_canary_rollback_and_promote_from_the_cli_against_a_live_gateway(
             adapters_cli, "promote", "p1", "--store", str(store), *common, env=env
         )
         assert promoted.exit_code == 0, promoted.stderr
-        assert "v2 is the stable version for every session; recorded as active" in promoted.stdout
+        assert "p1: v2 is the stable version for every session" in promoted.stdout
+        assert f"p1: recorded v2 as the active version in {store.absolute()}" in promoted.stdout
         assert await versions_heard(client) == {"v2"}
         assert published(store).personalities["p1"].active == "v2"
         assert TOKEN not in started.stdout + started.stderr + promoted.stdout + promoted.stderr
+
+        # A promote whose store cannot be updated says so, after the gateway promoted.
+        args = ("canary", "p1", "--version", "v1", "--weight", "20", "--store", str(store))
+        assert (await asyncio.to_thread(adapters_cli, *args, *common, env=env)).exit_code == 0
+        broken = tmp_path / "broken-store"
+        broken.mkdir()
+        (broken / PUBLISHED_FILE).write_text("{")
+        half = await asyncio.to_thread(
+            adapters_cli, "promote", "p1", "--store", str(broken), *common, env=env
+        )
+        assert half.exit_code == 1, (half.stdout, half.stderr)
+        assert "p1: v1 is the stable version for every session" in half.stdout
+        assert f"the store {broken} was not updated" in half.stderr
+        assert await versions_heard(client) == {"v1"}
