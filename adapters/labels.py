@@ -42,12 +42,13 @@ text-filter names only. `fastresp data label` runs both signal filters for the t
 labeller and only ``tone_mismatch`` for tutor-openers: a tutor's opener is a short
 acknowledgement ("Close!", "Good try!") that takes up nothing by design, and on Bridge
 train + Uptake (2,664 triples) ``low_uptake`` rejected 560 of the 571 openers that pass
-the text filters (their uptake quartiles 0.33 / 0.35 / 0.37 against ``LOW_UPTAKE``
-0.447). ``--no-signal-filters`` turns the signal filters off (then passing candidates
-are ranked by `text_checks.select_candidate`'s rule alone).
+the text filters (measured with the first uptake model: quartiles 0.33 / 0.35 / 0.37
+against its ``LOW_UPTAKE`` 0.447; the current model scores "Close!" 0.29-0.34 and "Good
+try!" 0.33-0.34 against 0.417). ``--no-signal-filters`` turns the signal filters off
+(then passing candidates are ranked by `text_checks.select_candidate`'s rule alone).
 
 Known limit of ``low_uptake``: a child's turn with nothing to take up ("um", "I don't
-know") gives every reply a low score ("Take your time." 0.35), so such turns tend to
+know") gives every reply a low score ("Take your time." 0.31 after "um"), so such turns tend to
 lose all their candidates.
 
 Rejected rows are written too, so a re-run knows they are done and the summary can

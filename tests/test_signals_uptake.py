@@ -3,12 +3,14 @@ data (Demszky et al., 2021) and hand-made examples.
 
 The held-out figures come from the raters' ``uptake`` column of the shared CSV, never
 from the code under test. The sentence model is loaded once per module and the held-out
-split encoded once (about 10 s); the CLI refit encodes the whole file (about 30 s).
+split encoded once (about 10 s); the CLI refit encodes the whole file and refits 46
+times (about 100 s).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,13 @@ import pytest
 from typer.testing import CliRunner
 
 from adapters.signals.uptake import (
+    EMBEDDING_BLOCKS,
+    EMBEDDING_DIM,
     FEATURES,
     LOW_UPTAKE,
     SPLIT_RULE,
     UPTAKE_WEIGHTS,
+    IdfTable,
     UptakeDataError,
     UptakeEvaluation,
     UptakeScorer,
@@ -77,7 +82,11 @@ def test_weights_were_fitted_on_this_csv(
     assert heldout.data_sha256_matches
     assert committed["split"]["rule"] == SPLIT_RULE
     assert [f["name"] for f in committed["features"]] == list(FEATURES)
+    assert committed["embedding"]["blocks"] == list(EMBEDDING_BLOCKS)
+    assert len(committed["embedding"]["coefficients"]) == 2 * EMBEDDING_DIM == 768
     assert committed["low_uptake"]["threshold"] == LOW_UPTAKE
+    # the IDF table was counted on the train split only: one document per turn
+    assert committed["idf"]["documents"] == 2 * committed["split"]["n_train"]
 
 
 def test_split_is_by_transcript_and_about_a_fifth(uptake_csv: Path) -> None:
@@ -127,6 +136,23 @@ def test_questions_probes_and_sentences() -> None:
     assert plain["first_sentence_repeat"] == 1.0
     assert last_sentence("I like cats. They are soft!") == "They are soft!"
     assert last_sentence("...") == "..."
+
+
+def test_idf_overlap_by_hand() -> None:
+    idf = IdfTable.fit(["A cat.", "a dog", "the cat sat"])
+    assert idf.documents == 3
+    assert idf.document_frequency == {"a": 2, "cat": 2, "dog": 1, "sat": 1, "the": 1}
+    # smoothed IDF ln((N + 1) / (df + 1)) + 1, computed here by hand
+    w_a = w_cat = math.log(4 / 3) + 1
+    w_dog = math.log(4 / 2) + 1
+    w_unseen = math.log(4 / 1) + 1
+    assert idf.weight("cat") == pytest.approx(w_cat)
+    assert idf.weight("zebra") == pytest.approx(w_unseen)
+    recall, precision = idf.overlap("A dog, a cat!", "Cat!")
+    assert recall == pytest.approx(w_cat / (w_a + w_dog + w_cat))
+    assert precision == pytest.approx(1.0)
+    assert idf.overlap("", "Cat!") == (0.0, 0.0)
+    assert idf.overlap("zebra", "a zebra") == pytest.approx((1.0, w_unseen / (w_unseen + w_a)))
 
 
 # --- scores -------------------------------------------------------------------------------
@@ -184,6 +210,18 @@ def test_bad_weights_are_refused(tmp_path: Path, committed: dict[str, Any]) -> N
     stale.write_text(json.dumps(other))
     with pytest.raises(UptakeWeightsError, match="fitted for features"):
         UptakeScorer.load(stale)
+    short = dict(committed, embedding=dict(committed["embedding"], coefficients=[0.0] * 10))
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    with pytest.raises(UptakeWeightsError, match="must have 768 values"):
+        UptakeScorer.load(tmp_path / "short.json")
+    version1 = dict(committed, format="pika-uptake-weights/1")
+    (tmp_path / "v1.json").write_text(json.dumps(version1))
+    with pytest.raises(UptakeWeightsError, match=r"format 'pika-uptake-weights/1'"):
+        UptakeScorer.load(tmp_path / "v1.json")
+    no_idf = {k: v for k, v in committed.items() if k != "idf"}
+    (tmp_path / "no_idf.json").write_text(json.dumps(no_idf))
+    with pytest.raises(UptakeWeightsError, match="malformed"):
+        UptakeScorer.load(tmp_path / "no_idf.json")
 
 
 def test_cli_refuses_bad_data(tmp_path: Path) -> None:
@@ -221,5 +259,11 @@ def test_cli_refit_reproduces_the_committed_weights(
         for key in ("mean", "scale", "coefficient"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (mine["name"], key)
     assert refit["intercept"] == pytest.approx(committed["intercept"], abs=1e-5)
+    for key in ("means", "scales", "coefficients"):
+        assert refit["embedding"][key] == pytest.approx(
+            committed["embedding"][key], rel=1e-4, abs=1e-5
+        ), key
+    assert refit["idf"] == committed["idf"]
+    assert refit["heldout"] == pytest.approx(committed["heldout"], abs=1e-4)
     assert refit["low_uptake"]["threshold"] == committed["low_uptake"]["threshold"]
     assert refit["split"] == committed["split"]
