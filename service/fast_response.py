@@ -11,8 +11,8 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from contextlib import AbstractContextManager, aclosing
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,6 +23,7 @@ from service.metrics import BASE_VERSION, Metrics
 from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
 from service.schemas import FastResponseRequest, FastResponseResponse
+from service.streaming import DoneEvent, ErrorEvent, StreamEvent, StreamGuard, TokenEvent
 
 if TYPE_CHECKING:
     from service.adapter_registry import ActiveAdapter
@@ -271,3 +272,119 @@ class FastResponseService:
         if result.ttft_s is not None:
             self._metrics.time_to_first_token.labels(personality).observe(result.ttft_s)
         self._metrics.output_tokens.labels(personality).observe(result.output_tokens)
+
+    def respond_stream(self, request: FastResponseRequest) -> AsyncGenerator[StreamEvent, None]:
+        """Answer `request` as events (`service.streaming`): `TokenEvent`s with the
+        guarded text as it is generated, then one `DoneEvent`, preceded by an `ErrorEvent`
+        when the fallback is served. The deadline covers the whole generation.
+
+        The request is checked by this call, before any event, so its errors can still
+        get their own HTTP status. Counts the answer in `fastresp_requests_total` and
+        `fastresp_fallbacks_total` like `respond`, and its timings in
+        `fastresp_stream_first_token_seconds` and `fastresp_stream_done_seconds`. Closing
+        the iterator early (or cancelling its task) aborts the engine request.
+
+        Raises:
+            UnknownPersonality: the personality is not served (404).
+        """
+        started = time.perf_counter()
+        personality = self.personality(request.personality)
+        return self._stream_events(personality, request, started)
+
+    async def _stream_events(
+        self, personality: Personality, request: FastResponseRequest, started: float
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The events of `respond_stream`; `started` is when handling began."""
+        request_id = request.request_id or uuid.uuid4().hex
+        turn = Turn(request.pika_turn, request.user_turn, request.main_response)
+        user_turn = request.user_turn if self.tone_guard else None
+        guard = StreamGuard(personality.max_words, user_turn)
+        rest: str | None = None
+        failure: tuple[FallbackReason, str | None, str] | None = None
+        first_token = True
+        with self._adapters.lease(personality.name, request.session_id or request_id) as active:
+            version = active.version if active else BASE_VERSION
+            generation = GenerationRequest(
+                prompt=self.prompt_for(personality, turn, active is not None),
+                max_tokens=personality.sampling.max_tokens,
+                temperature=personality.sampling.temperature,
+                top_p=personality.sampling.top_p,
+                stop=personality.sampling.stop,
+                adapter=active.ref if active else None,
+                routing_key=personality.name,
+            )
+            deadline = asyncio.get_running_loop().time() + self.deadline_s
+            self._metrics.in_flight.inc()
+            engine_started = time.perf_counter()
+            try:
+                for attempt in range(GENERATION_ATTEMPTS):
+                    guard = StreamGuard(personality.max_words, user_turn)
+                    engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
+                    result: GenerationResult | None = None
+                    stream = self._engine.generate_stream(engine_id, generation)
+                    async with aclosing(stream):
+                        while result is None:
+                            async with asyncio.timeout_at(deadline):
+                                delta = await anext(stream, None)
+                            if delta is None:
+                                raise EngineError("the engine stream ended without a result")
+                            result = delta.result
+                            piece = guard.feed(delta.text)
+                            if piece:
+                                if first_token:
+                                    first_token = False
+                                    self._observe_stream_first_token(personality.name, started)
+                                yield TokenEvent(piece)
+                    self._observe_generation(personality.name, result)
+                    verdict = guard.finish(result)
+                    rest = verdict.rest
+                    if rest is not None:
+                        break
+                    logger.info("request %s: guard rejected (%s)", engine_id, verdict.rejection)
+                    # Nothing sent yet: sample again, as `respond` does.
+                    if guard.sent or attempt + 1 == GENERATION_ATTEMPTS:
+                        message = f"the generated text failed the guard ({verdict.rejection})"
+                        failure = (FallbackReason.GUARD, verdict.rejection, message)
+                        break
+            except TimeoutError:
+                logger.info(
+                    "request %s missed the %.0f ms deadline", request_id, self.deadline_s * 1e3
+                )
+                message = f"no answer within the {self.deadline_s * 1e3:.0f} ms deadline"
+                failure = (FallbackReason.DEADLINE, None, message)
+            except (EngineError, EngineUnavailable) as exc:
+                logger.warning("request %s: engine error: %s", request_id, exc)
+                failure = (FallbackReason.ENGINE_ERROR, None, "the engine failed this request")
+            finally:
+                self._metrics.in_flight.dec()
+                self._metrics.engine_duration.labels(personality.name).observe(
+                    time.perf_counter() - engine_started
+                )
+        if failure is None and rest is not None:
+            if rest:
+                if first_token:
+                    self._observe_stream_first_token(personality.name, started)
+                yield TokenEvent(rest)
+            source, text = "model", guard.sent
+        else:
+            reason, detail, message = failure or (FallbackReason.GUARD, None, "no answer")
+            yield ErrorEvent(reason.value, detail, message)
+            source, text = "fallback", self._fallback(personality, request.user_turn)
+            self._metrics.fallbacks.labels(personality.name, reason, version).inc()
+        elapsed = time.perf_counter() - started
+        self._metrics.requests.labels(personality.name, source, "ok", version).inc()
+        self._metrics.stream_done.labels(personality.name).observe(elapsed)
+        yield DoneEvent(
+            FastResponseResponse(
+                fast_response=text,
+                source=source,
+                personality=personality.name,
+                adapter_version=active.version if active else None,
+                latency_ms=round(elapsed * 1000, 2),
+                request_id=request_id,
+            )
+        )
+
+    def _observe_stream_first_token(self, personality: str, started: float) -> None:
+        """Record the time from `started` to the first `token` event of a stream."""
+        self._metrics.stream_first_token.labels(personality).observe(time.perf_counter() - started)

@@ -263,9 +263,28 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=self.registry,
         )
+        # POST /fast-response/stream (service.streaming): when the child can start hearing
+        # the answer, and when the whole answer is known.
+        self.stream_first_token = Histogram(
+            "fastresp_stream_first_token_seconds",
+            "Streamed requests: time from the start of handling (body parsed) to the first "
+            "`token` event sent, in seconds; streams that send no token are not observed.",
+            ["personality"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stream_done = Histogram(
+            "fastresp_stream_done_seconds",
+            "Streamed requests: time from the start of handling (body parsed) to the `done` "
+            "event, in seconds (model and fallback answers alike).",
+            ["personality"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.requests = Counter(
             "fastresp_requests_total",
-            "POST /fast-response requests by personality (a manifest name or _unknown), "
+            "POST /fast-response and /fast-response/stream requests by personality (a "
+            "manifest name or _unknown), "
             "source (model, cache, fallback; none for errors), outcome (ok, "
             "client_error, server_error) and adapter_version (base: the base model; none "
             "for errors).",

@@ -31,7 +31,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -40,7 +40,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential as wait_backoff
 
-from service.engine import AdapterRef, GenerationRequest, GenerationResult
+from service.engine import AdapterRef, GenerationDelta, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable
 from service.identity_lora import (
     IDENTITY_LORA_ID,
@@ -241,6 +241,35 @@ class RemoteEngine:
         finally:
             self._in_flight -= 1
 
+    async def generate_stream(
+        self, request_id: str, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """Run one completion like `generate`, yielding its text as the upstream sends it.
+
+        Routing, adapter re-loading and failover are `generate`'s, with one limit: a
+        request fails over to the next upstream only until its first text was yielded
+        (text cannot be taken back); an upstream that fails after that fails the request
+        with EngineError. The completion runs in its own task; closing this generator or
+        cancelling the task iterating it cancels that task, which closes the connection,
+        so vLLM aborts the request. Without `Settings.engine_stream` the whole text comes
+        as one delta.
+
+        Raises (while iterating): as `generate`.
+        """
+        texts: asyncio.Queue[str | None] = asyncio.Queue()
+        self._in_flight += 1
+        task = asyncio.create_task(self._generate(request_id, request, texts.put_nowait))
+        task.add_done_callback(lambda _: texts.put_nowait(None))
+        try:
+            while (text := await texts.get()) is not None:
+                yield GenerationDelta(text)
+            yield GenerationDelta("", task.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            self._in_flight -= 1
+
     async def check_health(self) -> None:
         """Return if at least one upstream answers `GET /health` with 200.
 
@@ -373,17 +402,38 @@ class RemoteEngine:
 
     # -- internals -----------------------------------------------------------------
 
-    async def _generate(self, request_id: str, request: GenerationRequest) -> GenerationResult:
+    async def _generate(
+        self,
+        request_id: str,
+        request: GenerationRequest,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """`generate`; `on_text` is called with each piece of text as it arrives, and once
+        it was called, an upstream failure no longer fails over (EngineError)."""
         if request.adapter is None and self._identity is not None:
             request = replace(request, adapter=self._identity)
         key = request.routing_key if request.routing_key is not None else request_id
         failures: list[str] = []
+        sent = False
+
+        def forward(text: str) -> None:
+            nonlocal sent
+            sent = True
+            if on_text is not None:
+                on_text(text)
+
         for url in self.route(key):
             upstream = self._upstreams[url]
             try:
-                result = await self._generate_on(upstream, request_id, request)
+                result = await self._generate_on(
+                    upstream, request_id, request, forward if on_text is not None else None
+                )
             except _UpstreamDown as exc:
                 self._mark_down(upstream)
+                if sent:
+                    raise EngineError(
+                        f"engine upstream {url} failed mid-stream, after text was sent: {exc}"
+                    ) from exc
                 failures.append(f"{url}: {exc}")
                 logger.warning("engine upstream %s failed (%s); trying the next one", url, exc)
                 continue
@@ -396,7 +446,11 @@ class RemoteEngine:
         )
 
     async def _generate_on(
-        self, upstream: _Upstream, request_id: str, request: GenerationRequest
+        self,
+        upstream: _Upstream,
+        request_id: str,
+        request: GenerationRequest,
+        on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """One upstream; re-loads a known adapter it lost and retries once.
 
@@ -404,7 +458,7 @@ class RemoteEngine:
         """
         adapter = request.adapter
         try:
-            return await self._complete(upstream, request_id, request)
+            return await self._complete(upstream, request_id, request, on_text)
         except _UpstreamRefused as exc:
             known = adapter is not None and self._adapters.get(adapter.name) == adapter
             if exc.status_code != 404 or adapter is None or not known:
@@ -414,7 +468,7 @@ class RemoteEngine:
         logger.warning("adapter %s missing on %s; loading it again", adapter.name, upstream.url)
         try:
             await self._reload_on(upstream, adapter)
-            return await self._complete(upstream, request_id, request)
+            return await self._complete(upstream, request_id, request, on_text)
         except _UpstreamRefused as exc:
             raise EngineError(
                 f"adapter {adapter.name!r} was missing on engine upstream {upstream.url}; "
@@ -422,12 +476,17 @@ class RemoteEngine:
             ) from exc
 
     async def _complete(
-        self, upstream: _Upstream, request_id: str, request: GenerationRequest
+        self,
+        upstream: _Upstream,
+        request_id: str,
+        request: GenerationRequest,
+        on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """`POST /v1/completions`, streamed (unless `Settings.engine_stream` is off), so
         that the time to the first token is seen here: vLLM sends the first event once the
         first token exists (an event may carry no text yet while vLLM holds back a
-        possible stop string).
+        possible stop string). `on_text` gets each non-empty text as it arrives (without
+        streaming: the whole text, once).
 
         Raises: _UpstreamDown, _UpstreamRefused, EngineError.
         """
@@ -442,7 +501,10 @@ class RemoteEngine:
         if request.seed is not None:
             body["seed"] = request.seed
         if not self._stream:
-            return await self._complete_whole(upstream, request_id, body)
+            whole = await self._complete_whole(upstream, request_id, body)
+            if on_text is not None and whole.text:
+                on_text(whole.text)
+            return whole
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         texts: list[str] = []
@@ -473,6 +535,8 @@ class RemoteEngine:
                                 f"engine upstream {upstream.url} sent a non-text completion"
                             )
                         texts.append(text)
+                        if on_text is not None and text:
+                            on_text(text)
                         if choice.get("finish_reason") is not None:
                             finish_reason = str(choice["finish_reason"])
                     usage = event.get("usage")

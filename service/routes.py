@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.engine import Engine
@@ -22,6 +26,7 @@ from service.schemas import (
     FeedbackResponse,
     Health,
 )
+from service.streaming import DoneEvent, StreamEvent, to_sse
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +114,68 @@ async def fast_response(
         except Exception:  # the child's answer does not depend on the log
             logger.exception("request log: could not record request %s", response.request_id)
     return response
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedStream:
+    """A streamed request checked before its response starts: the body and its events."""
+
+    body: FastResponseRequest
+    events: AsyncGenerator[StreamEvent, None]
+
+
+async def admit_stream(body: FastResponseRequest, service: ServiceDep) -> AdmittedStream:
+    """Check a streamed request before the response starts, so that its errors (unknown
+    personality: 404) are answered as JSON with their status, like `/fast-response`."""
+    return AdmittedStream(body, service.respond_stream(body))
+
+
+StreamDep = Annotated[AdmittedStream, Depends(admit_stream)]
+
+_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'Server-Sent Events: `token` events (`{"text": ...}`, text to '
+        "append), then one `done` event with the `/fast-response` answer, after an `error` "
+        'event (`{"reason", "detail", "message"}`) when the fallback is served. '
+        "See `service.streaming`."
+    },
+    # Errors come before the stream starts, as JSON (a `model` here would be documented
+    # under the route's text/event-stream).
+    **{
+        status: {
+            "description": spec["description"],
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            },
+        }
+        for status, spec in _ERRORS.items()
+    },
+}
+
+
+@router.post(
+    "/fast-response/stream", response_class=EventSourceResponse, responses=_STREAM_RESPONSES
+)
+async def fast_response_stream(
+    stream: StreamDep, feedback: FeedbackDep, request_log: RequestLogDep
+) -> AsyncIterator[ServerSentEvent]:
+    """`/fast-response` as a stream, so speech can start on the first words: `token`
+    events with the guarded text as it is generated, then a `done` event with the same
+    JSON as `/fast-response`. Once streaming, a deadline or engine error gives an `error`
+    event and a fallback `done`; a client that disconnects aborts the generation. The
+    answer is remembered for `POST /feedback` and the request log like `/fast-response`."""
+    async with aclosing(stream.events) as events:
+        async for event in events:
+            if isinstance(event, DoneEvent):
+                await feedback.remember(event.response)
+                if request_log is not None:
+                    try:
+                        request_log.record_served(stream.body, event.response)
+                    except Exception:  # the child's answer does not depend on the log
+                        logger.exception(
+                            "request log: could not record request %s", event.response.request_id
+                        )
+            yield to_sse(event)
 
 
 _FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {

