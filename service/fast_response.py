@@ -121,6 +121,21 @@ class FastResponseService:
         tokenizer = self._engine.get_tokenizer() if mode == "chat" else None
         return build_prompt(personality, turn, mode, tokenizer)
 
+    def generation_for(
+        self, personality: Personality, turn: Turn, active: ActiveAdapter | None
+    ) -> GenerationRequest:
+        """The engine request for `turn`: the prompt for `active` (None: the base model)
+        and the personality's sampling, routed by personality."""
+        return GenerationRequest(
+            prompt=self.prompt_for(personality, turn, active is not None),
+            max_tokens=personality.sampling.max_tokens,
+            temperature=personality.sampling.temperature,
+            top_p=personality.sampling.top_p,
+            stop=personality.sampling.stop,
+            adapter=active.ref if active else None,
+            routing_key=personality.name,
+        )
+
     async def warm_up(self) -> float:
         """Run one short generation per personality, before traffic arrives.
 
@@ -174,15 +189,7 @@ class FastResponseService:
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
         # The adapter active at admission answers, even if a swap happens meanwhile.
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
-            generation = GenerationRequest(
-                prompt=self.prompt_for(personality, turn, active is not None),
-                max_tokens=personality.sampling.max_tokens,
-                temperature=personality.sampling.temperature,
-                top_p=personality.sampling.top_p,
-                stop=personality.sampling.stop,
-                adapter=active.ref if active else None,
-                routing_key=personality.name,
-            )
+            generation = self.generation_for(personality, turn, active)
             self._metrics.in_flight.inc()
             try:
                 text, reason = await self._generate(
@@ -304,15 +311,7 @@ class FastResponseService:
         first_token = True
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             version = active.version if active else BASE_VERSION
-            generation = GenerationRequest(
-                prompt=self.prompt_for(personality, turn, active is not None),
-                max_tokens=personality.sampling.max_tokens,
-                temperature=personality.sampling.temperature,
-                top_p=personality.sampling.top_p,
-                stop=personality.sampling.stop,
-                adapter=active.ref if active else None,
-                routing_key=personality.name,
-            )
+            generation = self.generation_for(personality, turn, active)
             deadline = asyncio.get_running_loop().time() + self.deadline_s
             self._metrics.in_flight.inc()
             engine_started = time.perf_counter()

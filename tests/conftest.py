@@ -100,6 +100,34 @@ async def serve(settings: Settings, engine: Engine) -> AsyncIterator[httpx.Async
             yield client
 
 
+@asynccontextmanager
+async def live_gateway(settings: Settings, engine: Engine) -> AsyncIterator[str]:
+    """`create_app(settings, engine)` behind a real uvicorn server on a free port, in
+    this event loop (the shared engine belongs to it); yields the base URL."""
+    import asyncio
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        create_app(settings, engine=engine), log_level="warning", ws="none", http="h11"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                pytest.fail("the gateway exited during startup")
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
 class RedisServer:
     """A real `redis-server` on 127.0.0.1:`port`, with no persistence, run from `directory`.
 

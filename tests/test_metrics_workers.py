@@ -24,8 +24,7 @@ from tests.vllm_servers import (
     FASTRESP,
     SERVER_START_TIMEOUT_S,
     Server,
-    launch_engine_server,
-    wait_healthy,
+    running_engine_server,
 )
 
 pytestmark = pytest.mark.engine
@@ -37,19 +36,9 @@ STALE_COUNT = 1000.0
 
 @pytest.fixture(scope="module")
 def upstream(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = launch_engine_server(
-        tiny_model_dir, 8, tmp_path_factory.mktemp("vllm") / "engine.log", core=0
-    )
-    try:
-        wait_healthy([server], SERVER_START_TIMEOUT_S)
+    log = tmp_path_factory.mktemp("vllm") / "engine.log"
+    with running_engine_server(tiny_model_dir, 8, log) as server:
         yield server
-    finally:
-        server.kill(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill(signal.SIGKILL)
-            server.process.wait(timeout=20)
 
 
 def write_stale_run(directory: Path) -> None:

@@ -13,11 +13,9 @@ import asyncio
 import hashlib
 import json
 import shutil
-import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from service.cli import app as cli
 from service.engine import Engine
 from service.errors import AdapterRejected
 from service.model_prep import TINY_MODEL_NAME
-from tests.conftest import engine_settings, serve
+from tests.conftest import engine_settings, live_gateway, serve
 from tests.swap_scenarios import AUTH, SIGNATURES, TOKEN, TURN, ask, put_adapter, write_manifest
 
 runner = CliRunner()
@@ -404,32 +402,6 @@ async def test_a_corrupt_published_json_fails_startup_naming_the_file(
         listed = runner.invoke(cli, ["adapters", "list", "--store", str(store)])
         assert listed.exit_code == 2
         assert str(file) in listed.stderr
-
-
-@asynccontextmanager
-async def live_gateway(settings: Any, engine: Engine) -> AsyncIterator[str]:
-    """`create_app(settings, engine)` behind a real uvicorn server on a free port, in
-    this event loop (the shared engine belongs to it); yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        create_app(settings, engine=engine), log_level="warning", ws="none", http="h11"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                pytest.fail("the gateway exited during startup")
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def gateway_settings(model: Path, manifest: Path, store: Path, **overrides: Any) -> Any:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
-import subprocess
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -30,7 +27,11 @@ from service.guard import clean_fast_response, word_count
 from service.settings import Settings
 from service.streaming import RETRACTED, StreamGuard
 from tests.conftest import TEST_DATA, engine_settings, free_port
-from tests.vllm_servers import SERVER_START_TIMEOUT_S, Server, launch_engine_server, wait_healthy
+from tests.conftest import live_gateway as live_server
+from tests.vllm_servers import (
+    Server,
+    running_engine_server,
+)
 
 TURN = {"pika_turn": "What did you eat today?", "user_turn": "I ate pho with my dad"}
 SAMPLING = '{max_tokens: %d, temperature: 0.0, top_p: 1.0, stop: ["\\n"]}'
@@ -135,30 +136,12 @@ def manifest(signature_adapters: dict[str, Path], tmp_path_factory: pytest.TempP
 
 @asynccontextmanager
 async def live_gateway(settings: Settings, engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    """`create_app(settings, engine)` behind a real uvicorn server on a free port, in
-    this event loop (the shared engine belongs to it); yields an HTTP client for it."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        create_app(settings, engine=engine), log_level="warning", ws="none", http="h11"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                pytest.fail("the gateway exited during startup")
-            await asyncio.sleep(0.05)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            yield http
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    """An HTTP client for `tests.conftest.live_gateway`'s real uvicorn server."""
+    async with (
+        live_server(settings, engine) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        yield http
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -384,19 +367,9 @@ async def test_deadline_mid_stream_gives_an_error_then_the_fallback(
 @pytest.fixture(scope="module")
 def upstream(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One `fastresp engine serve` vLLM server on the tiny model; killed after."""
-    server = launch_engine_server(
-        tiny_model_dir, 8, tmp_path_factory.mktemp("vllm-stream") / "vllm.log", core=0
-    )
-    try:
-        wait_healthy([server], SERVER_START_TIMEOUT_S)
+    log = tmp_path_factory.mktemp("vllm-stream") / "vllm.log"
+    with running_engine_server(tiny_model_dir, 8, log) as server:
         yield server
-    finally:
-        server.kill(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill(signal.SIGKILL)
-            server.process.wait(timeout=20)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -70,6 +70,23 @@ def launch_engine_server(
     return Server(f"http://127.0.0.1:{port}", process, log)
 
 
+@contextmanager
+def running_engine_server(model: Path, max_lora_rank: int, log: Path) -> Iterator[Server]:
+    """One healthy `launch_engine_server` on core 0; stopped with SIGTERM (SIGKILL after
+    20 s) on the way out."""
+    server = launch_engine_server(model, max_lora_rank, log, core=0)
+    try:
+        wait_healthy([server], SERVER_START_TIMEOUT_S)
+        yield server
+    finally:
+        server.kill(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill(signal.SIGKILL)
+            server.process.wait(timeout=20)
+
+
 def wait_healthy(servers: list[Server], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(servers)
