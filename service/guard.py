@@ -10,11 +10,22 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-_ROLE_PREFIX = re.compile(
-    r"^\s*(?:pika(?:'s)?(?:\s+quick)?(?:\s+reaction)?|assistant|tutor|teacher|ai|bot|model)\s*:\s*",
-    re.IGNORECASE,
-)
+#: Speaker labels a model may put before its answer ("Pika's quick reaction:" is the
+#: prompt's own label, `service.prompts.REACTION_LABEL`).
+_ROLE_NAMES = r"pika(?:'s)?(?:\s+quick)?(?:\s+reaction)?|assistant|tutor|teacher|ai|bot|model"
+_ROLE_PREFIX = re.compile(rf"^\s*(?:{_ROLE_NAMES})\s*:\s*", re.IGNORECASE)
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"  # straight, curly and angle quotes
+_ROLE_SO_FAR = re.compile(rf"[\s{_QUOTES}]*(?:{_ROLE_NAMES})\s*", re.IGNORECASE)
+
+
+def may_become_role_prefix(text: str) -> bool:
+    """Whether `text` (the start of a generation, whole words) is, so far, only a
+    speaker label without its colon ("Pika's quick", "Teacher"): a streaming guard
+    holds such words back until the next ones show whether a colon follows."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return _ROLE_SO_FAR.fullmatch(first) is not None
+
+
 _SENTENCE = re.compile("[^.!?\u2026]*[.!?\u2026]+[\"'\u201d\u2019)]*")
 _LETTER = re.compile(r"[^\W\d_]")
 

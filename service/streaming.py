@@ -49,7 +49,7 @@ from fastapi.sse import ServerSentEvent
 from pydantic import BaseModel
 
 from service.engine import GenerationResult
-from service.guard import GuardResult, check_tone_fit, clean_fast_response
+from service.guard import GuardResult, check_tone_fit, clean_fast_response, may_become_role_prefix
 from service.schemas import FastResponseResponse
 
 #: The `error` event's `detail` when the finished text passes the guard but does not
@@ -154,6 +154,8 @@ class StreamGuard:
         if self._stuck or boundary + 1 <= self._checked:
             return ""
         self._checked = boundary + 1
+        if not self.sent and may_become_role_prefix(self._raw[: self._checked]):
+            return ""  # "Pika's quick" may still become "Pika's quick reaction:"
         candidate = self._check(clean_fast_response(self._raw[: self._checked], self._max_words))
         if candidate is None or len(candidate) <= len(self.sent):
             return ""

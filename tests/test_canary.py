@@ -178,6 +178,12 @@ async def test_a_rollback_under_load_fails_nothing_and_no_request_gets_the_canar
             await put_adapter(one, "p1", signature_adapters["alpha"], "alpha")
         ).status_code == 200
         assert (await put_canary(one, signature_adapters["beta"], "beta", 50)).status_code == 200
+        for _ in range(200):  # replica two follows through Redis before the load starts
+            if "p1" in (await two.get("/admin/adapters", headers=AUTH)).json()["canaries"]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("replica two did not apply the canary within 2 s")
         counter = itertools.count()
         answers: list[dict[str, Any]] = []
         failures: list[BaseException] = []

@@ -270,6 +270,17 @@ def _swap_adapter(gateway: Gateway, adapter: Path, version: str) -> None:
     assert reply.status_code == 200, reply.text
 
 
+def _start_canary(gateway: Gateway, adapter: Path, version: str) -> None:
+    """Serve `adapter` to 30% of `calm`'s sessions through the admin API: a real canary."""
+    reply = httpx.put(
+        f"{gateway.url}/admin/personalities/calm/canary",
+        json={"path": str(adapter), "version": version, "weight": 30},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+
+
 @pytest.fixture(scope="module")
 def load_run(
     gateway: Gateway,
@@ -278,7 +289,8 @@ def load_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> LoadRun:
     """One 20 s Locust run with easy thresholds, scraped by Prometheus, with one adapter
-    hot swap in its middle (so the adapter panels have data for the settled time).
+    hot swap in its middle and then a canary of another version (so the adapter and
+    canary panels have data for the settled time).
 
     Before it: a few requests per personality, each rated through POST /feedback (the
     satisfaction panels), then a wait for two scrapes. Prometheus'
@@ -290,6 +302,7 @@ def load_run(
 
     workdir = tmp_path_factory.mktemp("loadtest-run")
     adapter = make_random_lora(tiny_model_dir, workdir / "adapter-v1", version="v1", rank=8)
+    canary = make_random_lora(tiny_model_dir, workdir / "adapter-v2", version="v2", rank=8)
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
         for personality in PERSONALITIES:
             for rating in (5, 4, 3):
@@ -313,6 +326,7 @@ def load_run(
             _wait_until(lambda: (out / "locust_stats_history.csv").is_file(), 60, "Locust")
             time.sleep(8)  # into the run: not an assertion, only where the swap lands
             _swap_adapter(gateway, adapter, "v1")
+            _start_canary(gateway, canary, "v2")
             returncode = locust.wait(timeout=300)
         finally:
             _stop(locust)

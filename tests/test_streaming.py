@@ -25,7 +25,7 @@ from service.app import create_app
 from service.engine import Engine, GenerationDelta, GenerationRequest, GenerationResult
 from service.guard import clean_fast_response, word_count
 from service.settings import Settings
-from service.streaming import RETRACTED, StreamGuard
+from service.streaming import StreamGuard
 from tests.conftest import TEST_DATA, engine_settings, free_port
 from tests.conftest import live_gateway as live_server
 from tests.vllm_servers import (
@@ -67,9 +67,17 @@ def _guarded(deltas: list[str], max_words: int = 12, finish: str = "stop") -> tu
         (["We", " went", " to", " the"], 12, "length", ["We", " went", " to"], None, "truncated"),
         # nothing after the first line
         (["Oh", " nice\nAnd", " then", " more."], 12, "stop", ["Oh nice"], "", None),
-        # a role prefix spread over several words: what was sent is not the answer
+        # a role prefix spread over several words is held back until its colon shows
         (["Pika", " quick", " reaction:", " Hi", " there."], 12, "stop",
-         ["Pika", " quick"], None, RETRACTED),
+         ["Hi"], " there.", None),
+        (["Pika's", " quick", " reaction", ":", " Wow", ",", " yum", "!"], 12, "stop",
+         ["Wow,"], " yum!", None),
+        (["Teacher", " :", " Wow", "!"], 12, "stop", [], "Wow!", None),
+        # a word that could start a label is sent once the next word shows it does not
+        (["Teacher", " says", " hi", "!"], 12, "stop", ["Teacher says"], " hi!", None),
+        # words sent, then a later line that changes the answer: withdrawn
+        (["Wow", " nice", " job", " Pika:"], 12, "length", ["Wow", " nice", " job"], None,
+         "truncated"),
         # no letters: nothing sent
         (["...", " !!", " ?"], 12, "stop", [], None, "empty"),
     ],
