@@ -16,6 +16,7 @@ from service import admin
 from service.adapter_registry import AdapterRegistry
 from service.adapter_store import apply_published
 from service.adapter_validation import BaseModelInfo
+from service.admission import Admission, AdmissionControl, drain_on_sigterm
 from service.engine import Engine
 from service.errors import BodyTooLarge, FastResponseError, InvalidBody, install_error_handlers
 from service.fast_response import FastResponseService
@@ -251,6 +252,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             base_model = await asyncio.to_thread(BaseModelInfo.from_dir, settings.resolved_model())
             metrics = Metrics()
             stack.callback(metrics.close)
+            stack.enter_context(drain_on_sigterm(admission))
             feedback = FeedbackService(await _open_feedback_store(settings), metrics)
             stack.push_async_callback(feedback.close)
             request_log = await asyncio.to_thread(open_request_log, settings)
@@ -315,10 +317,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
         responses={422: {"description": "Bad input; `detail[].loc` names the field."}},
     )
+    admission = Admission(settings.resolved_max_in_flight(), settings.retry_after_s)
+    app.state.admission = admission
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin.router)
     app.add_middleware(RequestBodyLimits, max_bytes=settings.max_body_bytes)
+    # Outside RequestBodyLimits: a refusal reads no body. Inside RequestOutcomes: its 503s
+    # are counted there.
+    app.add_middleware(AdmissionControl, admission=admission)
     # Outermost (added last): it sees the statuses RequestBodyLimits answers itself.
     app.add_middleware(RequestOutcomes, max_bytes=settings.max_body_bytes)
     return app

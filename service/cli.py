@@ -79,11 +79,17 @@ def serve(
     that hot-swaps adapters; FASTRESP_REDIS_URL shares the active adapter versions
     between gateway replicas (without it they are kept in memory).
 
+    SIGTERM: /readyz answers 503 and new requests are refused (the listening socket
+    closes), requests in flight finish within FASTRESP_SHUTDOWN_GRACE_S (default 10 s),
+    then the process exits 0. FASTRESP_MAX_IN_FLIGHT caps the requests in flight per
+    worker (default: FASTRESP_MAX_NUM_SEQS); over it requests get 503 with Retry-After.
+
     Exit codes: 2 for bad settings (e.g. --workers above 1 without FASTRESP_ENGINE_URLS),
     3 when a worker fails to start.
     """
     import os
     import shutil
+    import signal
 
     import uvicorn
 
@@ -132,6 +138,10 @@ def serve(
         except OSError as exc:
             fail(f"{MULTIPROC_ENV}: cannot prepare the metrics directory: {exc}")
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    # SIGTERM: uvicorn stops accepting, lets in-flight requests finish (shutdown_grace_s),
+    # runs the lifespan shutdown, then raises the signal again with the handler it found;
+    # this one makes that a normal return, so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, _graceful_exit)
     try:
         if settings.workers == 1:
             uvicorn.run(
@@ -140,7 +150,7 @@ def serve(
                 port=settings.port,
                 log_level=settings.log_level,
                 log_config=None,
-                timeout_graceful_shutdown=10,
+                timeout_graceful_shutdown=settings.shutdown_grace_s,
             )
             return
         from uvicorn.config import STARTUP_FAILURE
@@ -158,7 +168,7 @@ def serve(
             port=settings.port,
             log_level=settings.log_level,
             log_config=None,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
         )
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])
         supervisor.run()
@@ -168,6 +178,11 @@ def serve(
     finally:
         if metrics_dir is not None and not configured:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _graceful_exit(sig: int, frame: object) -> None:
+    """SIGTERM handler of `fastresp serve` outside uvicorn's own: uvicorn has already shut
+    down gracefully when it re-raises the signal, so there is nothing left to do."""
 
 
 @engine_app.command(

@@ -311,6 +311,15 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+        # Admission control (service/admission.py): requests refused before any work.
+        self.rejected_requests = Counter(
+            "fastresp_rejected_requests_total",
+            "Fast-response requests refused at once with 503 by admission control, by "
+            "reason (overloaded: over FASTRESP_MAX_IN_FLIGHT; draining: shutting down). "
+            "Also counted in fastresp_requests_total as server_error.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.adapter_swaps = Counter(
             "fastresp_adapter_swaps_total",
             "Adapter changes (swaps, canary start, promote and rollback; admin API or another "

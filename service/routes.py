@@ -234,7 +234,8 @@ async def healthz(engine: EngineDep) -> Response:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(request: Request, engine: EngineDep) -> Response:
-    """Readiness: the engine answers its health check and Redis (if configured) a ping."""
+    """Readiness: the engine answers its health check, Redis (if configured) a ping, and
+    the gateway is not draining (after SIGTERM: 503, so load balancers stop sending)."""
     checks: dict[str, str] = {}
     try:
         await engine.check_health()
@@ -248,6 +249,8 @@ async def readyz(request: Request, engine: EngineDep) -> Response:
             checks["redis"] = "ok"
         except Exception as exc:  # any Redis failure means "not ready", with its reason
             checks["redis"] = f"{type(exc).__name__}: {exc}"
+    if request.app.state.admission.draining:
+        checks["admission"] = "draining: shutting down (SIGTERM)"
     ok = all(value == "ok" for value in checks.values())
     health = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(status_code=200 if ok else 503, content=health.model_dump())

@@ -221,6 +221,22 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
 
+    # --- Overload and shutdown (issue 8, part 4; service/admission.py) ---
+
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Most `POST /fast-response` and `/fast-response/stream` requests in flight at once,
+    per gateway process (with `workers` N the service admits N times this). Over it a
+    request gets 503 with `Retry-After` at once; nothing queues. None: `max_num_seqs`,
+    the requests one engine batches together: more would wait in vLLM's queue and
+    their deadlines would run out there."""
+
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    """`Retry-After` of an overload or draining 503, in whole seconds."""
+
+    shutdown_grace_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    """On SIGTERM, seconds `fastresp serve` lets in-flight requests finish (uvicorn's
+    `timeout_graceful_shutdown`) before it cancels them and exits."""
+
     # --- Satisfaction feedback, `POST /feedback` (issue 10, service/feedback.py) ---
 
     feedback_ttl_s: float = Field(default=7 * 24 * 3600, gt=0.0, le=366 * 24 * 3600)
@@ -352,6 +368,10 @@ class Settings(BaseSettings):
     def resolved_adapter_store(self) -> Path:
         """The published-adapter store: `adapter_store`, or `<cache_dir>/adapters`."""
         return self.adapter_store if self.adapter_store is not None else self.cache_dir / "adapters"
+
+    def resolved_max_in_flight(self) -> int:
+        """The admission cap: `max_in_flight`, or `max_num_seqs`."""
+        return self.max_in_flight if self.max_in_flight is not None else self.max_num_seqs
 
     def resolved_deadline_ms(self, device: str) -> int:
         """The deadline in ms: the configured one, or the default for `device` ("cpu"/"cuda")."""
