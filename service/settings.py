@@ -149,11 +149,12 @@ class Settings(BaseSettings):
 
     quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin"] | None = None
     """vLLM `quantization` of a pre-quantized base model (e.g. a Qwen3-4B AWQ build),
-    served with LoRA adapters trained on the full-precision base. int4 weights halve
-    the memory read per decode step against bf16 (the decode floor on a memory-bound
-    GPU) for a small quality loss; the `_marlin` kernels are the faster CUDA ones for
-    the same checkpoints. None: vLLM reads the model's own `quantization_config`
-    (a quantized checkpoint is detected without this). Must agree with that config."""
+    served with LoRA adapters trained on the full-precision base. int4 weights are
+    about a quarter of bf16's bytes (plus scales), which lowers the memory read per
+    decode step (the decode floor on a memory-bound GPU) for a small quality loss; the
+    `_marlin` kernels are the faster CUDA ones for the same checkpoints. None: vLLM
+    reads the model's own `quantization_config` (a quantized checkpoint is detected
+    without this). Must agree with that config."""
 
     warm_up: bool = True
     """Run one short generation per personality at startup, so the first request is not
