@@ -232,14 +232,7 @@ class AdapterRegistry:
         state = self._state(name)
         started = time.perf_counter()
         try:
-            validated = await asyncio.to_thread(
-                validate_adapter,
-                path,
-                self._base,
-                self._max_lora_rank,
-                version=version,
-                allow_base_model_mismatch=allow_base_model_mismatch,
-            )
+            validated = await self._validate(path, version, allow_base_model_mismatch)
             async with state.lock:
                 self._refuse_during_canary(state, "load another version")
                 slot = await self._load(name, validated)
@@ -315,14 +308,7 @@ class AdapterRegistry:
             raise ValueError(f"canary weight {weight} is not in (0, 100)")
         state = self._state(name)
         try:
-            validated = await asyncio.to_thread(
-                validate_adapter,
-                path,
-                self._base,
-                self._max_lora_rank,
-                version=version,
-                allow_base_model_mismatch=allow_base_model_mismatch,
-            )
+            validated = await self._validate(path, version, allow_base_model_mismatch)
             async with state.lock:
                 stable = state.slot
                 if stable is not None and stable.adapter.version == validated.version:
@@ -475,6 +461,19 @@ class AdapterRegistry:
             await asyncio.gather(*self._removals, return_exceptions=True)
 
     # -- internals ---------------------------------------------------------------
+
+    async def _validate(
+        self, path: Path, version: str | None, allow_base_model_mismatch: bool
+    ) -> ValidatedAdapter:
+        """`validate_adapter` against the served base, in a thread; raises AdapterRejected."""
+        return await asyncio.to_thread(
+            validate_adapter,
+            path,
+            self._base,
+            self._max_lora_rank,
+            version=version,
+            allow_base_model_mismatch=allow_base_model_mismatch,
+        )
 
     def _state(self, name: str) -> _State:
         state = self._states.get(name)

@@ -104,15 +104,21 @@ async def serve(settings: Settings, engine: Engine) -> AsyncIterator[httpx.Async
 async def live_gateway(settings: Settings, engine: Engine) -> AsyncIterator[str]:
     """`create_app(settings, engine)` behind a real uvicorn server on a free port, in
     this event loop (the shared engine belongs to it); yields the base URL."""
+    async with live_app(create_app(settings, engine=engine)) as url:
+        yield url
+
+
+@asynccontextmanager
+async def live_app(app: Any, backlog: int = 2048) -> AsyncIterator[str]:
+    """`app` behind a real uvicorn server on a free port, in this event loop; yields
+    the base URL. `backlog`: the listening socket's queue (uvicorn's default 2048)."""
     import asyncio
 
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        create_app(settings, engine=engine), log_level="warning", ws="none", http="h11"
-    )
+    config = uvicorn.Config(app, log_level="warning", ws="none", http="h11", backlog=backlog)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

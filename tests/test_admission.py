@@ -8,14 +8,12 @@ and the Prometheus counters, never through timing.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,7 +21,7 @@ from service.admission import Admission
 from service.app import create_app
 from service.engine import Engine
 from service.settings import Settings
-from tests.conftest import engine_settings
+from tests.conftest import engine_settings, live_app
 
 GOOD = {
     "personality": "cheerful",
@@ -46,25 +44,11 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 @asynccontextmanager
 async def gateway(settings: Settings, engine: Engine) -> AsyncIterator[tuple[str, FastAPI]]:
-    """`create_app(settings, engine)` behind a real uvicorn server on a free port, in this
-    event loop; yields the base URL and the app (for its admission counters)."""
+    """`create_app(settings, engine)` behind a real uvicorn server (`live_app`); yields
+    the base URL and the app (for its admission counters)."""
     app = create_app(settings, engine=engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", ws="none", http="h11", backlog=256)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                pytest.fail("the gateway exited during startup")
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with live_app(app, backlog=256) as url:
+        yield url, app
 
 
 def test_admission_counts_and_refuses() -> None:
