@@ -107,13 +107,24 @@ async def fast_response(
     """One short, warm reaction to the child's turn, within the deadline. The answer can
     be rated with `POST /feedback` by its `request_id`."""
     response = await service.respond(body)
+    await _record_served(body, response, feedback, request_log)
+    return response
+
+
+async def _record_served(
+    body: FastResponseRequest,
+    response: FastResponseResponse,
+    feedback: FeedbackService,
+    request_log: RequestLogHook | None,
+) -> None:
+    """Remember a served answer for `POST /feedback` and write it to the request log
+    (when on); a failing log is logged, never the child's problem."""
     await feedback.remember(response)
     if request_log is not None:
         try:
             request_log.record_served(body, response)
         except Exception:  # the child's answer does not depend on the log
             logger.exception("request log: could not record request %s", response.request_id)
-    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,14 +178,7 @@ async def fast_response_stream(
     async with aclosing(stream.events) as events:
         async for event in events:
             if isinstance(event, DoneEvent):
-                await feedback.remember(event.response)
-                if request_log is not None:
-                    try:
-                        request_log.record_served(stream.body, event.response)
-                    except Exception:  # the child's answer does not depend on the log
-                        logger.exception(
-                            "request log: could not record request %s", event.response.request_id
-                        )
+                await _record_served(stream.body, event.response, feedback, request_log)
             yield to_sse(event)
 
 
