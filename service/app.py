@@ -33,6 +33,13 @@ from service.metrics import NO_SOURCE, UNKNOWN_PERSONALITY, Metrics, outcome_of,
 from service.personalities import load_personalities
 from service.registry_store import open_registry_store
 from service.routes import RequestLogHook, router
+from service.session_state import (
+    InMemorySessionMemory,
+    RedisSessionMemory,
+    ResponseCache,
+    SessionMemory,
+)
+from service.session_state import redis_client as redis_client_for
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -259,11 +266,33 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if request_log is not None:
                 stack.callback(request_log.close)
             redis_client = None
+            memory: SessionMemory | None = None
+            cache: ResponseCache | None = None
             if settings.redis_url:
-                import redis.asyncio as redis
-
-                redis_client = redis.from_url(settings.redis_url)
+                redis_client = redis_client_for(settings)
                 stack.push_async_callback(redis_client.aclose)
+                prefix = settings.redis_key_prefix
+                memory = RedisSessionMemory(
+                    redis_client,
+                    settings.session_memory_turns,
+                    settings.session_memory_ttl_s,
+                    prefix=prefix,
+                    metrics=metrics,
+                )
+                if settings.response_cache:
+                    cache = ResponseCache(
+                        redis_client,
+                        settings.response_cache_size,
+                        settings.response_cache_ttl_s,
+                        prefix=prefix,
+                        metrics=metrics,
+                    )
+            else:
+                memory = InMemorySessionMemory(
+                    settings.session_memory_turns,
+                    settings.session_memory_ttl_s,
+                    settings.session_memory_max_sessions,
+                )
             store = open_registry_store(settings)
             stack.push_async_callback(store.close)
             registry = AdapterRegistry(
@@ -296,6 +325,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 deadline_s=deadline_ms / 1000,
                 base_prompt_mode=settings.base_prompt_mode,
                 tone_guard=settings.tone_guard,
+                memory=memory if settings.session_memory_turns else None,
+                cache=cache,
             )
             if settings.tone_guard:
                 check_tone_fit("Hi.", "Hi.")  # loads VADER's lexicon (10-15 ms) before traffic

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Iterator, Mapping
@@ -23,7 +24,9 @@ from service.metrics import BASE_VERSION, Metrics
 from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
 from service.schemas import FastResponseRequest, FastResponseResponse
+from service.session_state import ResponseCache, SessionMemory, cache_key, normalise, repeats
 from service.streaming import DoneEvent, ErrorEvent, StreamEvent, StreamGuard, TokenEvent
+from service.text_checks import opener
 
 if TYPE_CHECKING:
     from service.adapter_registry import ActiveAdapter
@@ -50,6 +53,7 @@ class FallbackReason(StrEnum):
     DEADLINE = "deadline"
     ENGINE_ERROR = "engine_error"
     GUARD = "guard"
+    REPEAT = "repeat"
 
 
 class AdapterLookup(Protocol):
@@ -70,8 +74,12 @@ class AdapterLookup(Protocol):
 class FastResponseService:
     """Answers one request: build the prompt, generate within the deadline, guard it.
 
-    The fallback phrase is used only on a deadline, an engine error or a guard
-    rejection, and each use is counted in `fastresp_fallbacks_total`.
+    The fallback phrase is used only on a deadline, an engine error, a guard rejection
+    or when every sample repeated the session's last answers, and each use is counted in
+    `fastresp_fallbacks_total`. With `memory` (`service.session_state`), a request with a
+    `session_id` avoids that session's last answers; with `cache`, a stored model answer
+    of the same turns is served first (`source: "cache"`) and new model answers are
+    stored.
     """
 
     def __init__(
@@ -83,8 +91,12 @@ class FastResponseService:
         deadline_s: float,
         base_prompt_mode: PromptMode,
         tone_guard: bool = False,
+        memory: SessionMemory | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._engine = engine
+        self.memory = memory
+        self.cache = cache
         self._personalities = dict(personalities)
         self._adapters = adapters
         self._metrics = metrics
@@ -187,22 +199,30 @@ class FastResponseService:
         personality = self.personality(request.personality)
         request_id = request.request_id or uuid.uuid4().hex
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
+        recent = await self._recent(request.session_id)
         # The adapter active at admission answers, even if a swap happens meanwhile.
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
-            generation = self.generation_for(personality, turn, active)
-            self._metrics.in_flight.inc()
-            try:
-                text, reason = await self._generate(
-                    personality, request_id, generation, request.user_turn
-                )
-            finally:
-                self._metrics.in_flight.dec()
-        source = "model"
+            key = self._cache_key(personality, active, request)
+            text = await self._from_cache(personality, key, recent)
+            source = "cache"
+            if text is None:
+                source = "model"
+                generation = self.generation_for(personality, turn, active)
+                self._metrics.in_flight.inc()
+                try:
+                    text, reason = await self._generate(
+                        personality, request_id, generation, request.user_turn, recent
+                    )
+                finally:
+                    self._metrics.in_flight.dec()
+                if text is not None:
+                    await self._store(key, text)
         version = active.version if active else BASE_VERSION
         if text is None:
             source = "fallback"
-            text = self._fallback(personality, request.user_turn)
+            text = self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
+        await self._remember(request.session_id, text)
         elapsed = time.perf_counter() - started
         self._metrics.request_duration.labels(personality.name, source, version).observe(elapsed)
         self._metrics.requests.labels(personality.name, source, "ok", version).inc()
@@ -215,18 +235,75 @@ class FastResponseService:
             request_id=request_id,
         )
 
-    def _fallback(self, personality: Personality, user_turn: str) -> str:
-        """The personality's next fallback phrase. With the tone guard on, phrases whose
-        tone clashes with `user_turn` are skipped, and NEUTRAL_FALLBACK is used when all do.
+    async def _recent(self, session_id: str | None) -> list[str]:
+        """The session's remembered answers, newest first ([] without memory or id)."""
+        if self.memory is None or session_id is None:
+            return []
+        return await self.memory.recent(session_id)
+
+    async def _remember(self, session_id: str | None, text: str) -> None:
+        """Remember `text` as the session's newest answer (no-op without memory or id)."""
+        if self.memory is not None and session_id is not None:
+            await self.memory.remember(session_id, text)
+
+    def _cache_key(
+        self,
+        personality: Personality,
+        active: ActiveAdapter | None,
+        request: FastResponseRequest,
+    ) -> str | None:
+        """The response-cache key of `request` as answered by `active`; None without a
+        cache."""
+        if self.cache is None:
+            return None
+        version = active.version if active else None
+        return cache_key(
+            personality.name,
+            version,
+            request.pika_turn,
+            request.user_turn,
+            request.main_response,
+        )
+
+    async def _from_cache(
+        self, personality: Personality, key: str | None, recent: list[str]
+    ) -> str | None:
+        """A stored answer under `key` that does not repeat `recent` (chosen at random
+        among those), or None; counted in `fastresp_cache_lookups_total`."""
+        if self.cache is None or key is None:
+            return None
+        stored = await self.cache.get(key)
+        if stored is None:
+            self._metrics.cache_lookups.labels(personality.name, "error").inc()
+            return None
+        fresh = [text for text in stored if not repeats(text, recent)]
+        result = "hit" if fresh else "miss"
+        self._metrics.cache_lookups.labels(personality.name, result).inc()
+        return random.choice(fresh) if fresh else None
+
+    async def _store(self, key: str | None, text: str) -> None:
+        """Add a guarded model answer to the response cache (no-op without one)."""
+        if self.cache is not None and key is not None:
+            await self.cache.add(key, text)
+
+    def _fallback(self, personality: Personality, user_turn: str, recent: list[str]) -> str:
+        """The personality's next fallback phrase that does not repeat `recent` (the
+        session's last answers); when every phrase does, the one said longest ago. With the
+        tone guard on, phrases whose tone clashes with `user_turn` are skipped, and
+        NEUTRAL_FALLBACK is used when all do.
         """
         phrases = self._fallbacks[personality.name]
-        if not self.tone_guard:
-            return next(phrases)
+        fitting: list[str] = []
         for _ in personality.fallback_phrases:
             phrase = next(phrases)
-            if check_tone_fit(phrase, user_turn).text is not None:
+            if self.tone_guard and check_tone_fit(phrase, user_turn).text is None:
+                continue
+            if not repeats(phrase, recent):
                 return phrase
-        return NEUTRAL_FALLBACK
+            fitting.append(phrase)
+        if not fitting:
+            return NEUTRAL_FALLBACK
+        return max(fitting, key=lambda phrase: _said_ago(phrase, recent))
 
     async def _generate(
         self,
@@ -234,15 +311,17 @@ class FastResponseService:
         request_id: str,
         generation: GenerationRequest,
         user_turn: str,
+        recent: list[str],
     ) -> tuple[str | None, FallbackReason | None]:
         """The guarded model text, or (None, reason) when a fallback must be used.
 
         An output the guard rejects (with the tone guard on: also one whose tone clashes
-        with `user_turn`) is sampled again, up to GENERATION_ATTEMPTS times in all, while
-        the deadline allows.
+        with `user_turn`), or one that repeats `recent` (`session_state.repeats`), is
+        sampled again, up to GENERATION_ATTEMPTS times in all, while the deadline allows.
         """
         engine_started = time.perf_counter()
         result: GenerationResult
+        reason = FallbackReason.GUARD
         try:
             async with asyncio.timeout(self.deadline_s):
                 for attempt in range(GENERATION_ATTEMPTS):
@@ -258,10 +337,15 @@ class FastResponseService:
                     )
                     if guarded.text is not None and self.tone_guard:
                         guarded = check_tone_fit(guarded.text, user_turn)
+                    if guarded.text is not None and repeats(guarded.text, recent):
+                        logger.info("request %s: repeats the session's last answers", engine_id)
+                        reason = FallbackReason.REPEAT
+                        continue
                     if guarded.text is not None:
                         return guarded.text, None
                     logger.info("request %s: guard rejected (%s)", engine_id, guarded.rejection)
-                return None, FallbackReason.GUARD
+                    reason = FallbackReason.GUARD
+                return None, reason
         except TimeoutError:
             logger.info("request %s missed the %.0f ms deadline", request_id, self.deadline_s * 1e3)
             return None, FallbackReason.DEADLINE
@@ -309,67 +393,77 @@ class FastResponseService:
         rest: str | None = None
         failure: tuple[FallbackReason, str | None, str] | None = None
         first_token = True
+        recent = await self._recent(request.session_id)
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             version = active.version if active else BASE_VERSION
-            generation = self.generation_for(personality, turn, active)
-            deadline = asyncio.get_running_loop().time() + self.deadline_s
-            self._metrics.in_flight.inc()
-            engine_started = time.perf_counter()
-            try:
-                for attempt in range(GENERATION_ATTEMPTS):
-                    guard = StreamGuard(personality.max_words, user_turn)
-                    engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
-                    result: GenerationResult | None = None
-                    stream = self._engine.generate_stream(engine_id, generation)
-                    async with aclosing(stream):
-                        while result is None:
-                            async with asyncio.timeout_at(deadline):
-                                delta = await anext(stream, None)
-                            if delta is None:
-                                raise EngineError("the engine stream ended without a result")
-                            result = delta.result
-                            piece = guard.feed(delta.text)
-                            if piece:
-                                if first_token:
-                                    first_token = False
-                                    self._observe_stream_first_token(personality.name, started)
-                                yield TokenEvent(piece)
-                    self._observe_generation(personality.name, result)
-                    verdict = guard.finish(result)
-                    rest = verdict.rest
-                    if rest is not None:
-                        break
-                    logger.info("request %s: guard rejected (%s)", engine_id, verdict.rejection)
-                    # Nothing sent yet: sample again, as `respond` does.
-                    if guard.sent or attempt + 1 == GENERATION_ATTEMPTS:
-                        message = f"the generated text failed the guard ({verdict.rejection})"
-                        failure = (FallbackReason.GUARD, verdict.rejection, message)
-                        break
-            except TimeoutError:
-                logger.info(
-                    "request %s missed the %.0f ms deadline", request_id, self.deadline_s * 1e3
-                )
-                message = f"no answer within the {self.deadline_s * 1e3:.0f} ms deadline"
-                failure = (FallbackReason.DEADLINE, None, message)
-            except (EngineError, EngineUnavailable) as exc:
-                logger.warning("request %s: engine error: %s", request_id, exc)
-                failure = (FallbackReason.ENGINE_ERROR, None, "the engine failed this request")
-            finally:
-                self._metrics.in_flight.dec()
-                self._metrics.engine_duration.labels(personality.name).observe(
-                    time.perf_counter() - engine_started
-                )
-        if failure is None and rest is not None:
+            key = self._cache_key(personality, active, request)
+            cached = await self._from_cache(personality, key, recent)
+            if cached is None:
+                generation = self.generation_for(personality, turn, active)
+                deadline = asyncio.get_running_loop().time() + self.deadline_s
+                self._metrics.in_flight.inc()
+                engine_started = time.perf_counter()
+                try:
+                    for attempt in range(GENERATION_ATTEMPTS):
+                        guard = StreamGuard(personality.max_words, user_turn)
+                        engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
+                        result: GenerationResult | None = None
+                        stream = self._engine.generate_stream(engine_id, generation)
+                        async with aclosing(stream):
+                            while result is None:
+                                async with asyncio.timeout_at(deadline):
+                                    delta = await anext(stream, None)
+                                if delta is None:
+                                    raise EngineError("the engine stream ended without a result")
+                                result = delta.result
+                                piece = guard.feed(delta.text)
+                                if piece:
+                                    if first_token:
+                                        first_token = False
+                                        self._observe_stream_first_token(personality.name, started)
+                                    yield TokenEvent(piece)
+                        self._observe_generation(personality.name, result)
+                        verdict = guard.finish(result)
+                        rest = verdict.rest
+                        if rest is not None:
+                            break
+                        logger.info("request %s: guard rejected (%s)", engine_id, verdict.rejection)
+                        # Nothing sent yet: sample again, as `respond` does.
+                        if guard.sent or attempt + 1 == GENERATION_ATTEMPTS:
+                            message = f"the generated text failed the guard ({verdict.rejection})"
+                            failure = (FallbackReason.GUARD, verdict.rejection, message)
+                            break
+                except TimeoutError:
+                    logger.info(
+                        "request %s missed the %.0f ms deadline", request_id, self.deadline_s * 1e3
+                    )
+                    message = f"no answer within the {self.deadline_s * 1e3:.0f} ms deadline"
+                    failure = (FallbackReason.DEADLINE, None, message)
+                except (EngineError, EngineUnavailable) as exc:
+                    logger.warning("request %s: engine error: %s", request_id, exc)
+                    failure = (FallbackReason.ENGINE_ERROR, None, "the engine failed this request")
+                finally:
+                    self._metrics.in_flight.dec()
+                    self._metrics.engine_duration.labels(personality.name).observe(
+                        time.perf_counter() - engine_started
+                    )
+        if cached is not None:
+            self._observe_stream_first_token(personality.name, started)
+            yield TokenEvent(cached)
+            source, text = "cache", cached
+        elif failure is None and rest is not None:
             if rest:
                 if first_token:
                     self._observe_stream_first_token(personality.name, started)
                 yield TokenEvent(rest)
             source, text = "model", guard.sent
+            await self._store(key, text)
         else:
             reason, detail, message = failure or (FallbackReason.GUARD, None, "no answer")
             yield ErrorEvent(reason.value, detail, message)
-            source, text = "fallback", self._fallback(personality, request.user_turn)
+            source, text = "fallback", self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
+        await self._remember(request.session_id, text)
         elapsed = time.perf_counter() - started
         self._metrics.requests.labels(personality.name, source, "ok", version).inc()
         self._metrics.stream_done.labels(personality.name).observe(elapsed)
@@ -387,3 +481,13 @@ class FastResponseService:
     def _observe_stream_first_token(self, personality: str, started: float) -> None:
         """Record the time from `started` to the first `token` event of a stream."""
         self._metrics.stream_first_token.labels(personality).observe(time.perf_counter() - started)
+
+
+def _said_ago(phrase: str, recent: list[str]) -> int:
+    """How many answers ago (`recent` newest first) `phrase` or its opener was last said;
+    len(recent) when it was not."""
+    text, first = normalise(phrase), opener(phrase)
+    for ago, said in enumerate(recent):
+        if normalise(said) == text or (first and opener(said) == first):
+            return ago
+    return len(recent)

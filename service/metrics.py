@@ -293,16 +293,25 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "fastresp_fallbacks_total",
-            "Fallback phrases served, by reason (deadline, engine_error, guard) and "
+            "Fallback phrases served, by reason (deadline, engine_error, guard, repeat: "
+            "every sample repeated the session's last answers; unsafe_input: a neutral "
+            "acknowledgement of an unsafe child turn) and "
             "adapter_version (the version whose generation failed; base: the base model).",
             ["personality", "reason", "adapter_version"],
             registry=self.registry,
         )
         self.cache_lookups = Counter(
             "fastresp_cache_lookups_total",
-            "Response-cache lookups by result (hit, miss). No response cache exists yet, "
-            "so this stays empty.",
+            "Response-cache lookups by result (hit: a stored answer was served; miss: "
+            "none stored, or all repeat the session's last answers; error: Redis failed).",
             ["personality", "result"],
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "fastresp_redis_errors_total",
+            "Failed hot-path Redis calls by operation (session_read, session_write, "
+            "cache_read, cache_write); the request went on without Redis.",
+            ["operation"],
             registry=self.registry,
         )
         self.in_flight = Gauge(

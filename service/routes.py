@@ -236,10 +236,18 @@ async def healthz(engine: EngineDep) -> Response:
     return JSONResponse(status_code=200, content=Health(status="ok").model_dump())
 
 
+#: How `/readyz` starts the Redis check's text while Redis does not answer: the gateway
+#: stays ready without it (no session memory, response cache or shared-registry updates
+#: meanwhile; the client reconnects by itself).
+REDIS_DEGRADED = "degraded: "
+
+
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(request: Request, engine: EngineDep) -> Response:
-    """Readiness: the engine answers its health check, Redis (if configured) a ping, and
-    the gateway is not draining (after SIGTERM: 503, so load balancers stop sending)."""
+    """Readiness: the engine answers its health check and the gateway is not draining
+    (after SIGTERM: 503, so load balancers stop sending). Redis (if configured) is pinged
+    and reported, `"degraded: <error>"` when it does not answer, without making the
+    gateway unready: requests are answered without it."""
     checks: dict[str, str] = {}
     try:
         await engine.check_health()
@@ -251,11 +259,11 @@ async def readyz(request: Request, engine: EngineDep) -> Response:
         try:
             await redis_client.ping()
             checks["redis"] = "ok"
-        except Exception as exc:  # any Redis failure means "not ready", with its reason
-            checks["redis"] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # Redis is optional: degraded, still ready
+            checks["redis"] = f"{REDIS_DEGRADED}{type(exc).__name__}: {exc}"
     if request.app.state.admission.draining:
         checks["admission"] = "draining: shutting down (SIGTERM)"
-    ok = all(value == "ok" for value in checks.values())
+    ok = all(value == "ok" or value.startswith(REDIS_DEGRADED) for value in checks.values())
     health = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(status_code=200 if ok else 503, content=health.model_dump())
 

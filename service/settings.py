@@ -213,6 +213,37 @@ class Settings(BaseSettings):
     """Prefix of every Redis key and channel this service uses (e.g. `fastresp:adapters`),
     so several deployments can share one Redis. No whitespace."""
 
+    redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
+    """Connect and reply timeout of the hot path's Redis calls (session memory, response
+    cache), in ms, with no retries: a slow or dead Redis costs a request at most about
+    this per call, and the answer goes on without it (`service.session_state`)."""
+
+    # --- Sessions and the response cache (issue 8, parts 1 and 2; service/session_state.py) ---
+
+    session_memory_turns: int = Field(default=5, ge=0, le=100)
+    """Fast responses remembered per `session_id` (0: off). A model answer that repeats
+    one of them, or starts with the same two words, is sampled again within the deadline;
+    a fallback phrase or cached answer that would repeat one is skipped. In this process
+    without `redis_url`, in Redis (shared by replicas) with it."""
+
+    session_memory_ttl_s: float = Field(default=3600.0, gt=0.0, le=7 * 24 * 3600)
+    """Seconds a session's remembered responses are kept after its latest answer."""
+
+    session_memory_max_sessions: int = Field(default=100_000, ge=1)
+    """Without Redis: most sessions remembered in this process (least recently used ones
+    are forgotten first)."""
+
+    response_cache: bool = True
+    """With `redis_url`: answer from up to `response_cache_size` stored model answers of
+    the same personality, adapter version and (normalised) turns, with `source: "cache"`.
+    No effect without Redis."""
+
+    response_cache_size: int = Field(default=4, ge=1, le=100)
+    """Distinct model answers stored per cache key."""
+
+    response_cache_ttl_s: float = Field(default=24 * 3600.0, gt=0.0, le=30 * 24 * 3600)
+    """Seconds a cache key lives after its latest stored answer."""
+
     admin_token: SecretStr | None = None
     """Bearer token for `/admin/*` routes. None: admin routes are disabled."""
 

@@ -73,6 +73,10 @@ def engine_settings(model: Path, **overrides: Any) -> Settings:
         "deadline_ms": 10_000,
         # Not the developer's ~/.cache store: adapters published there are not for tests.
         "adapter_store": TEST_DATA / "no-published-adapters",
+        # Off here: they change which text answers a repeated turn or session, and most
+        # tests identify an adapter by its text. tests/test_session_state.py turns them on.
+        "session_memory_turns": 0,
+        "response_cache": False,
     }
     values.update(overrides)
     return Settings(**values)

@@ -1,0 +1,263 @@
+"""Per-session memory (anti-repetition) and the response cache (issue 8, parts 1 and 2).
+
+- `SessionMemory` remembers each session's last N fast responses (setting
+  `session_memory_turns`, 5) for `session_memory_ttl_s`. `InMemorySessionMemory` is the
+  default (one gateway process, bounded LRU of sessions); with `redis_url` it is
+  `RedisSessionMemory`, shared by every replica: one list per session,
+  `<prefix>:session:<session_id>:recent`, newest first (`LPUSH`, `LTRIM`, `EXPIRE` in one
+  pipeline).
+- `ResponseCache` (Redis only) keeps up to K (`response_cache_size`, 4) distinct guarded
+  model answers per key, for `response_cache_ttl_s`, in a set
+  `<prefix>:cache:<sha256>`. The key is the sha256 of the personality, the adapter
+  version and the normalised pika turn, user turn and main response (`cache_key`), so a
+  new adapter version never reads an older version's answers.
+- `repeats(candidate, recent)`: the rule both use. A candidate repeats when its
+  normalised text equals a remembered one, or its opener (first two words,
+  `service.text_checks.opener`, the unit of the eval's top-opener share) equals a
+  remembered one's.
+
+Redis is optional on the hot path: every call has the client's short timeout (setting
+`redis_timeout_ms`, 50 ms, no retries), and a failure is logged (without text), counted in
+`fastresp_redis_errors_total{operation}` and treated as "nothing remembered / nothing
+cached", so a Redis outage costs variety and cache hits, never an answer. The same client
+reconnects by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import unicodedata
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from service.text_checks import opener
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis
+
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def normalise(text: str | None) -> str:
+    """`text` compared loosely: NFKC, case-folded, punctuation and spacing collapsed to
+    single spaces ("  What's 2+2? " -> "what s 2 2"). None -> ""."""
+    if not text:
+        return ""
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def repeats(candidate: str, recent: Sequence[str]) -> bool:
+    """Whether `candidate` repeats one of `recent` (a session's last fast responses): the
+    same normalised text, or the same opener (first two words, `text_checks.opener`)."""
+    if not recent:
+        return False
+    text, first = normalise(candidate), opener(candidate)
+    return any(normalise(r) == text or (first and opener(r) == first) for r in recent)
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The hot-path Redis client for `settings.redis_url`: connect and reply timeouts of
+    `redis_timeout_ms`, no retries (a late answer is worse than none here). Raises
+    ValueError on a malformed URL."""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    assert settings.redis_url is not None
+    timeout_s = settings.redis_timeout_ms / 1000
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+class _RedisCalls:
+    """Runs Redis calls that may fail: a failure is logged, counted and becomes None."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+        self.last_error: str | None = None
+        """The latest failure ("ConnectionError: ..."), None after a success."""
+
+    async def call(self, operation: str, awaitable: Awaitable[T]) -> T | None:
+        import redis
+
+        try:
+            result = await awaitable
+        except (redis.RedisError, OSError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("redis %s failed: %s", operation, self.last_error)
+            if self._metrics is not None:
+                self._metrics.redis_errors.labels(operation).inc()
+            return None
+        self.last_error = None
+        return result
+
+
+class SessionMemory(Protocol):
+    """A session's last fast responses, newest first."""
+
+    async def recent(self, session_id: str) -> list[str]:
+        """Up to `turns` remembered responses of `session_id`, newest first; [] for an
+        unknown or expired session (or when the store is unreachable)."""
+        ...
+
+    async def remember(self, session_id: str, text: str) -> None:
+        """Add `text` as the newest response of `session_id` (never raises)."""
+        ...
+
+
+class InMemorySessionMemory:
+    """`SessionMemory` in this process: an LRU of at most `max_sessions` sessions, each
+    the last `turns` responses, dropped `ttl_s` seconds after its latest response."""
+
+    def __init__(self, turns: int, ttl_s: float, max_sessions: int = 100_000) -> None:
+        self.turns = turns
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, tuple[float, deque[str]]] = OrderedDict()
+
+    async def recent(self, session_id: str) -> list[str]:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            return []
+        expires, texts = entry
+        if time.monotonic() >= expires:
+            del self._sessions[session_id]
+            return []
+        return list(texts)
+
+    async def remember(self, session_id: str, text: str) -> None:
+        if self.turns == 0:
+            return
+        entry = self._sessions.pop(session_id, None)
+        texts = entry[1] if entry else deque(maxlen=self.turns)
+        texts.appendleft(text)
+        self._sessions[session_id] = (time.monotonic() + self.ttl_s, texts)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+
+
+class RedisSessionMemory:
+    """`SessionMemory` in Redis, shared by all replicas (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        turns: int,
+        ttl_s: float,
+        prefix: str = "fastresp",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._client = client
+        self.turns = turns
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self._calls = _RedisCalls(metrics)
+
+    def key(self, session_id: str) -> str:
+        """The Redis list of `session_id`."""
+        return f"{self.prefix}:session:{session_id}:recent"
+
+    async def recent(self, session_id: str) -> list[str]:
+        if self.turns == 0:
+            return []
+        found = await self._calls.call(
+            "session_read", self._client.lrange(self.key(session_id), 0, self.turns - 1)
+        )
+        return [str(text) for text in found or []]
+
+    async def remember(self, session_id: str, text: str) -> None:
+        if self.turns == 0:
+            return
+        key = self.key(session_id)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.lpush(key, text)
+        pipe.ltrim(key, 0, self.turns - 1)
+        pipe.expire(key, int(self.ttl_s))
+        await self._calls.call("session_write", pipe.execute())
+
+
+# Adds one answer unless the set already holds K, then refreshes the TTL. Atomic, so
+# concurrent gateways never store more than K.
+_CACHE_ADD = """
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('SCARD', KEYS[1])
+"""
+
+
+def cache_key(
+    personality: str,
+    adapter_version: str | None,
+    pika_turn: str | None,
+    user_turn: str,
+    main_response: str | None,
+) -> str:
+    """The response-cache key: sha256 hex of the personality, the adapter version (None:
+    the base model) and the `normalise`d turns. Raw text is never part of a Redis key."""
+    parts = [
+        personality,
+        adapter_version,
+        normalise(pika_turn),
+        normalise(user_turn),
+        normalise(main_response),
+    ]
+    return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """Up to `size` guarded model answers per `cache_key`, in Redis, for `ttl_s` seconds
+    after the latest one was added (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        size: int,
+        ttl_s: float,
+        prefix: str = "fastresp",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._client = client
+        self.size = size
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self._calls = _RedisCalls(metrics)
+        self._add = client.register_script(_CACHE_ADD)
+
+    def redis_key(self, key: str) -> str:
+        """The Redis set of `key` (a `cache_key`)."""
+        return f"{self.prefix}:cache:{key}"
+
+    async def get(self, key: str) -> list[str] | None:
+        """The answers stored under `key` (sorted, so the order is stable); None when
+        Redis failed (counted as a lookup error, not a miss)."""
+        found = await self._calls.call("cache_read", self._client.smembers(self.redis_key(key)))
+        if found is None:
+            return None
+        return sorted(str(text) for text in found)
+
+    async def add(self, key: str, text: str) -> None:
+        """Store `text` under `key` unless `size` answers are there already (never
+        raises)."""
+        await self._calls.call(
+            "cache_write",
+            self._add(keys=[self.redis_key(key)], args=[text, self.size, int(self.ttl_s)]),
+        )
