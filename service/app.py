@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import admin
+from service import admin, child_safety
 from service.adapter_registry import AdapterRegistry
 from service.adapter_store import apply_published
 from service.adapter_validation import BaseModelInfo
@@ -327,7 +327,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 tone_guard=settings.tone_guard,
                 memory=memory if settings.session_memory_turns else None,
                 cache=cache,
+                log_text=settings.log_text,
             )
+            # Loads the profanity list and libphonenumber's metadata (about 50 ms).
+            await asyncio.to_thread(child_safety.warm_up)
             if settings.tone_guard:
                 check_tone_fit("Hi.", "Hi.")  # loads VADER's lexicon (10-15 ms) before traffic
             if settings.warm_up:

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, aclosing
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from service.child_safety import NEUTRAL_ACKNOWLEDGEMENTS, TurnSafety, describe_turn, inspect_turn
 from service.engine import Engine, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable, UnknownPersonality
 from service.guard import check_tone_fit, clean_fast_response
@@ -54,6 +55,7 @@ class FallbackReason(StrEnum):
     ENGINE_ERROR = "engine_error"
     GUARD = "guard"
     REPEAT = "repeat"
+    UNSAFE_INPUT = "unsafe_input"
 
 
 class AdapterLookup(Protocol):
@@ -93,8 +95,10 @@ class FastResponseService:
         tone_guard: bool = False,
         memory: SessionMemory | None = None,
         cache: ResponseCache | None = None,
+        log_text: bool = False,
     ) -> None:
         self._engine = engine
+        self.log_text = log_text
         self.memory = memory
         self.cache = cache
         self._personalities = dict(personalities)
@@ -106,6 +110,7 @@ class FastResponseService:
         self._fallbacks: dict[str, Iterator[str]] = {
             name: itertools.cycle(p.fallback_phrases) for name, p in self._personalities.items()
         }
+        self._acknowledgements = itertools.cycle(NEUTRAL_ACKNOWLEDGEMENTS)
 
     @property
     def personalities(self) -> Mapping[str, Personality]:
@@ -130,7 +135,13 @@ class FastResponseService:
     def prompt_for(self, personality: Personality, turn: Turn, adapter: bool) -> str:
         """Model input: chat template for an adapter, `base_prompt_mode` otherwise."""
         mode: PromptMode = "chat" if adapter else self._base_prompt_mode
-        tokenizer = self._engine.get_tokenizer() if mode == "chat" else None
+        # The tokenizer also in few-shot mode: its special tokens are taken out of the turn.
+        try:
+            tokenizer = self._engine.get_tokenizer()
+        except NotImplementedError:
+            if mode == "chat":
+                raise
+            tokenizer = None
         return build_prompt(personality, turn, mode, tokenizer)
 
     def generation_for(
@@ -199,19 +210,25 @@ class FastResponseService:
         personality = self.personality(request.personality)
         request_id = request.request_id or uuid.uuid4().hex
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
+        safety = inspect_turn(request.pika_turn, request.user_turn)
         recent = await self._recent(request.session_id)
+        text: str | None = None
+        reason: FallbackReason | None = FallbackReason.UNSAFE_INPUT
+        source = "fallback"
+        key: str | None = None
         # The adapter active at admission answers, even if a swap happens meanwhile.
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
-            key = self._cache_key(personality, active, request)
-            text = await self._from_cache(personality, key, recent)
-            source = "cache"
-            if text is None:
+            if not safety.unsafe_input:
+                key = self._cache_key(personality, active, request)
+                text = await self._from_cache(personality, key, recent, safety)
+                source = "cache"
+            if text is None and not safety.unsafe_input:
                 source = "model"
                 generation = self.generation_for(personality, turn, active)
                 self._metrics.in_flight.inc()
                 try:
                     text, reason = await self._generate(
-                        personality, request_id, generation, request.user_turn, recent
+                        personality, request_id, generation, request.user_turn, recent, safety
                     )
                 finally:
                     self._metrics.in_flight.dec()
@@ -220,9 +237,13 @@ class FastResponseService:
         version = active.version if active else BASE_VERSION
         if text is None:
             source = "fallback"
-            text = self._fallback(personality, request.user_turn, recent)
+            if safety.unsafe_input:
+                text = self._acknowledgement(recent)
+            else:
+                text = self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
         await self._remember(request.session_id, text)
+        self._log_answer(request, request_id, source, text)
         elapsed = time.perf_counter() - started
         self._metrics.request_duration.labels(personality.name, source, version).observe(elapsed)
         self._metrics.requests.labels(personality.name, source, "ok", version).inc()
@@ -234,6 +255,32 @@ class FastResponseService:
             latency_ms=round(elapsed * 1000, 2),
             request_id=request_id,
         )
+
+    def _log_answer(
+        self, request: FastResponseRequest, request_id: str, source: str, text: str
+    ) -> None:
+        """One debug line per answer: ids, source and lengths; the texts only with
+        `log_text` (setting `log_text_debug`), since they are the child's words."""
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
+        if self.log_text:
+            logger.debug(
+                "request %s session %s: user_turn %r -> %s %r",
+                request_id, request.session_id, request.user_turn, source, text,
+            )  # fmt: skip
+        else:
+            logger.debug(
+                "request %s session %s: user_turn %s -> %s, %s",
+                request_id, request.session_id, describe_turn(request.user_turn), source,
+                describe_turn(text),
+            )  # fmt: skip
+
+    def _acknowledgement(self, recent: list[str]) -> str:
+        """The next neutral acknowledgement (`child_safety.NEUTRAL_ACKNOWLEDGEMENTS`) that
+        does not repeat `recent`; when all do, the one said longest ago."""
+        said = [next(self._acknowledgements) for _ in NEUTRAL_ACKNOWLEDGEMENTS]
+        fresh = next((phrase for phrase in said if not repeats(phrase, recent)), None)
+        return fresh or max(said, key=lambda phrase: _said_ago(phrase, recent))
 
     async def _recent(self, session_id: str | None) -> list[str]:
         """The session's remembered answers, newest first ([] without memory or id)."""
@@ -266,17 +313,18 @@ class FastResponseService:
         )
 
     async def _from_cache(
-        self, personality: Personality, key: str | None, recent: list[str]
+        self, personality: Personality, key: str | None, recent: list[str], safety: TurnSafety
     ) -> str | None:
-        """A stored answer under `key` that does not repeat `recent` (chosen at random
-        among those), or None; counted in `fastresp_cache_lookups_total`."""
+        """A stored answer under `key` that does not repeat `recent` and passes `safety`
+        (chosen at random among those), or None; counted in
+        `fastresp_cache_lookups_total`."""
         if self.cache is None or key is None:
             return None
         stored = await self.cache.get(key)
         if stored is None:
             self._metrics.cache_lookups.labels(personality.name, "error").inc()
             return None
-        fresh = [text for text in stored if not repeats(text, recent)]
+        fresh = [t for t in stored if not repeats(t, recent) and safety.check(t) is None]
         result = "hit" if fresh else "miss"
         self._metrics.cache_lookups.labels(personality.name, result).inc()
         return random.choice(fresh) if fresh else None
@@ -312,12 +360,15 @@ class FastResponseService:
         generation: GenerationRequest,
         user_turn: str,
         recent: list[str],
+        safety: TurnSafety,
     ) -> tuple[str | None, FallbackReason | None]:
         """The guarded model text, or (None, reason) when a fallback must be used.
 
         An output the guard rejects (with the tone guard on: also one whose tone clashes
-        with `user_turn`), or one that repeats `recent` (`session_state.repeats`), is
-        sampled again, up to GENERATION_ATTEMPTS times in all, while the deadline allows.
+        with `user_turn`), one `safety` rejects (`child_safety.TurnSafety.check`: unsafe
+        words, the child's personal details or contact details), or one that repeats
+        `recent` (`session_state.repeats`), is sampled again, up to GENERATION_ATTEMPTS
+        times in all, while the deadline allows.
         """
         engine_started = time.perf_counter()
         result: GenerationResult
@@ -337,6 +388,13 @@ class FastResponseService:
                     )
                     if guarded.text is not None and self.tone_guard:
                         guarded = check_tone_fit(guarded.text, user_turn)
+                    unsafe = safety.check(guarded.text) if guarded.text is not None else None
+                    if unsafe is not None:
+                        logger.info(
+                            "request %s: child-safety guard rejected (%s)", engine_id, unsafe
+                        )
+                        reason = FallbackReason.GUARD
+                        continue
                     if guarded.text is not None and repeats(guarded.text, recent):
                         logger.info("request %s: repeats the session's last answers", engine_id)
                         reason = FallbackReason.REPEAT
@@ -389,15 +447,21 @@ class FastResponseService:
         request_id = request.request_id or uuid.uuid4().hex
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
         user_turn = request.user_turn if self.tone_guard else None
-        guard = StreamGuard(personality.max_words, user_turn)
+        safety = inspect_turn(request.pika_turn, request.user_turn)
+        guard = StreamGuard(personality.max_words, user_turn, safety)
         rest: str | None = None
         failure: tuple[FallbackReason, str | None, str] | None = None
         first_token = True
         recent = await self._recent(request.session_id)
+        cached: str | None = None
+        key: str | None = None
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             version = active.version if active else BASE_VERSION
-            key = self._cache_key(personality, active, request)
-            cached = await self._from_cache(personality, key, recent)
+            if safety.unsafe_input:
+                cached = self._acknowledgement(recent)
+            else:
+                key = self._cache_key(personality, active, request)
+                cached = await self._from_cache(personality, key, recent, safety)
             if cached is None:
                 generation = self.generation_for(personality, turn, active)
                 deadline = asyncio.get_running_loop().time() + self.deadline_s
@@ -405,7 +469,7 @@ class FastResponseService:
                 engine_started = time.perf_counter()
                 try:
                     for attempt in range(GENERATION_ATTEMPTS):
-                        guard = StreamGuard(personality.max_words, user_turn)
+                        guard = StreamGuard(personality.max_words, user_turn, safety)
                         engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
                         result: GenerationResult | None = None
                         stream = self._engine.generate_stream(engine_id, generation)
@@ -450,7 +514,10 @@ class FastResponseService:
         if cached is not None:
             self._observe_stream_first_token(personality.name, started)
             yield TokenEvent(cached)
-            source, text = "cache", cached
+            source, text = "fallback" if safety.unsafe_input else "cache", cached
+            if safety.unsafe_input:
+                reason = FallbackReason.UNSAFE_INPUT
+                self._metrics.fallbacks.labels(personality.name, reason, version).inc()
         elif failure is None and rest is not None:
             if rest:
                 if first_token:
@@ -464,6 +531,7 @@ class FastResponseService:
             source, text = "fallback", self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
         await self._remember(request.session_id, text)
+        self._log_answer(request, request_id, source, text)
         elapsed = time.perf_counter() - started
         self._metrics.requests.labels(personality.name, source, "ok", version).inc()
         self._metrics.stream_done.labels(personality.name).observe(elapsed)

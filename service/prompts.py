@@ -15,6 +15,7 @@ prefix caching reuses it; the per-request part comes last.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -124,11 +125,38 @@ def build_prompt(
 ) -> str:
     """Model input for `turn` in `mode`.
 
+    The turn's texts are data: chat-template control tokens written in them
+    (``<|im_start|>``, ``<start_of_turn>``, ``</s>``, and every special token of
+    `tokenizer` when one is given) are replaced by a space first
+    (`child_safety.strip_control_tokens`), since the tokenizer, vLLM's too, would parse
+    them as the real tokens and a child's text could open a system message.
+
     Raises:
         ValueError: chat mode without a tokenizer.
     """
+    turn = _without_control_tokens(turn, tokenizer)
     if mode == "few_shot":
         return few_shot_prompt(personality, turn)
     if tokenizer is None:
         raise ValueError("chat mode needs the model's tokenizer")
     return chat_prompt(tokenizer, personality, turn)
+
+
+@functools.lru_cache(maxsize=4)
+def _special_tokens(tokenizer: Any) -> frozenset[str]:
+    from service.child_safety import special_tokens
+
+    return special_tokens(tokenizer)
+
+
+def _without_control_tokens(turn: Turn, tokenizer: Any | None) -> Turn:
+    """`turn` with control tokens taken out of its texts (see `build_prompt`)."""
+    from service.child_safety import strip_control_tokens
+
+    tokens = _special_tokens(tokenizer) if tokenizer is not None else frozenset()
+
+    def strip(text: str | None) -> str | None:
+        return None if text is None else strip_control_tokens(text, tokens)
+
+    user_turn = strip_control_tokens(turn.user_turn, tokens)
+    return Turn(strip(turn.pika_turn), user_turn, strip(turn.main_response))

@@ -253,6 +253,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
 
+    log_text: bool = False
+    """Debug flag: put the child's turn and the answer in the per-answer debug log line
+    (with `log_level` debug). Off: logs hold ids, sources and lengths, never the words
+    (a child may say a name, a phone number or an e-mail address)."""
+
     # --- Overload and shutdown (issue 8, part 4; service/admission.py) ---
 
     max_in_flight: int | None = Field(default=None, ge=1)

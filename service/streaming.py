@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from fastapi.sse import ServerSentEvent
 from pydantic import BaseModel
 
+from service.child_safety import TurnSafety
 from service.engine import GenerationResult
 from service.guard import GuardResult, check_tone_fit, clean_fast_response, may_become_role_prefix
 from service.schemas import FastResponseResponse
@@ -132,11 +133,18 @@ class StreamGuard:
     Args:
         max_words: the personality's word limit.
         user_turn: what the child said, for the tone guard; None when it is off.
+        safety: the request's child-safety check (`child_safety.inspect_turn`): text it
+            rejects is never released. A rejected phrase of several words may have had
+            its first words released already (they were safe alone); `finish` then
+            rejects the answer and a fallback follows.
     """
 
-    def __init__(self, max_words: int, user_turn: str | None = None) -> None:
+    def __init__(
+        self, max_words: int, user_turn: str | None = None, safety: TurnSafety | None = None
+    ) -> None:
         self._max_words = max_words
         self._user_turn = user_turn
+        self._safety = safety
         self._raw = ""
         self._checked = 0  # length of the raw prefix last checked (at a word boundary)
         self._stuck = False  # the guard's text stopped continuing what was sent
@@ -178,6 +186,9 @@ class StreamGuard:
             verdict = check_tone_fit(verdict.text, self._user_turn)
         if verdict.text is None:
             return StreamVerdict(None, str(verdict.rejection))
+        unsafe = self._safety.check(verdict.text) if self._safety is not None else None
+        if unsafe is not None:
+            return StreamVerdict(None, str(unsafe))
         if not verdict.text.startswith(self.sent):
             return StreamVerdict(None, RETRACTED)
         rest = verdict.text[len(self.sent) :]
@@ -185,7 +196,11 @@ class StreamGuard:
         return StreamVerdict(rest, None)
 
     def _check(self, cleaned: GuardResult) -> str | None:
-        """`cleaned.text` if the tone guard (when on) accepts it, else None."""
-        if cleaned.text is None or self._user_turn is None:
-            return cleaned.text
-        return check_tone_fit(cleaned.text, self._user_turn).text
+        """`cleaned.text` if the tone guard (when on) and the safety check accept it,
+        else None."""
+        text = cleaned.text
+        if text is not None and self._user_turn is not None:
+            text = check_tone_fit(text, self._user_turn).text
+        if text is not None and self._safety is not None and self._safety.check(text):
+            return None
+        return text
