@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.disconnect import CLIENT_CLOSED_REQUEST, until_disconnected
 from service.engine import Engine
 from service.errors import EngineUnavailable
 from service.fast_response import FastResponseService
@@ -100,13 +101,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post("/fast-response", response_model=FastResponseResponse, responses=_ERRORS)
 async def fast_response(
     body: FastResponseRequest,
+    request: Request,
     service: ServiceDep,
     feedback: FeedbackDep,
     request_log: RequestLogDep,
-) -> FastResponseResponse:
+) -> FastResponseResponse | Response:
     """One short, warm reaction to the child's turn, within the deadline. The answer can
-    be rated with `POST /feedback` by its `request_id`."""
-    response = await service.respond(body)
+    be rated with `POST /feedback` by its `request_id`. A client that disconnects before
+    the answer cancels the work, which aborts the engine request; it is counted with
+    status 499 (`fastresp_requests_total{outcome="client_error"}`)."""
+    response = await until_disconnected(request.receive, service.respond(body))
+    if response is None:
+        logger.info("request %s: the client disconnected; generation aborted", body.request_id)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     await _record_served(body, response, feedback, request_log)
     return response
 
@@ -225,9 +232,14 @@ async def personalities(service: ServiceDep) -> dict[str, list[dict[str, Any]]]:
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-async def healthz(engine: EngineDep) -> Response:
-    """Liveness: the process answers and its engine is not dead. A dead vLLM engine
-    core never recovers, so this fails and the orchestrator restarts the process."""
+async def healthz(request: Request, engine: EngineDep) -> Response:
+    """Liveness: the process answers and its engine is not dead. A dead in-process vLLM
+    engine core never recovers, so this fails and the orchestrator restarts the process.
+    In remote-engine mode (`engine_urls`) the upstreams are not checked here: restarting
+    the gateway cannot mend a vLLM server, and the gateway uses one again as soon as it
+    answers; `/readyz` reports them."""
+    if request.app.state.settings.engine_urls:
+        return JSONResponse(status_code=200, content=Health(status="ok").model_dump())
     try:
         await engine.check_health()
     except EngineUnavailable as exc:
