@@ -36,8 +36,9 @@ RUN apt-get update \
 
 WORKDIR /app
 # Only what `make install` reads: pyproject.toml (and README.md, its readme), the
-# Makefile and the two packages.
+# Makefile, the pinned versions (constraints/, used for EXTRAS=cpu) and the two packages.
 COPY pyproject.toml Makefile README.md ./
+COPY constraints/ constraints/
 COPY service/ service/
 COPY adapters/ adapters/
 
