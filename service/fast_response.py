@@ -17,6 +17,8 @@ from contextlib import AbstractContextManager, aclosing
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from fastapi import BackgroundTasks
+
 from service.child_safety import NEUTRAL_ACKNOWLEDGEMENTS, TurnSafety, describe_turn, inspect_turn
 from service.engine import Engine, GenerationRequest, GenerationResult
 from service.errors import EngineError, EngineUnavailable, UnknownPersonality
@@ -197,11 +199,16 @@ class FastResponseService:
                 ) from None
         return time.perf_counter() - started
 
-    async def respond(self, request: FastResponseRequest) -> FastResponseResponse:
+    async def respond(
+        self, request: FastResponseRequest, background: BackgroundTasks | None = None
+    ) -> FastResponseResponse:
         """Answer `request` within the deadline.
 
         Counts the answer in `fastresp_requests_total` with outcome `ok`; requests that
         end in an error status are counted by the app (`service.app.RequestOutcomes`).
+        The session memory and the response cache are read together, once; what they
+        must remember is written after the answer is sent when `background` (the
+        route's `BackgroundTasks`) is given, else before this returns.
 
         Raises:
             UnknownPersonality: the personality is not served (404).
@@ -211,7 +218,6 @@ class FastResponseService:
         request_id = request.request_id or uuid.uuid4().hex
         turn = Turn(request.pika_turn, request.user_turn, request.main_response)
         safety = inspect_turn(request.pika_turn, request.user_turn)
-        recent = await self._recent(request.session_id)
         text: str | None = None
         reason: FallbackReason | None = FallbackReason.UNSAFE_INPUT
         source = "fallback"
@@ -220,8 +226,8 @@ class FastResponseService:
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             if not safety.unsafe_input:
                 key = self._cache_key(personality, active, request)
-                text = await self._from_cache(personality, key, recent, safety)
-                source = "cache"
+            recent, text = await self._recall(personality, request.session_id, key, safety)
+            source = "cache"
             if text is None and not safety.unsafe_input:
                 source = "model"
                 generation = self.generation_for(personality, turn, active)
@@ -232,8 +238,6 @@ class FastResponseService:
                     )
                 finally:
                     self._metrics.in_flight.dec()
-                if text is not None:
-                    await self._store(key, text)
         version = active.version if active else BASE_VERSION
         if text is None:
             source = "fallback"
@@ -242,7 +246,11 @@ class FastResponseService:
             else:
                 text = self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
-        await self._remember(request.session_id, text)
+        cache_key = key if source == "model" else None
+        if background is not None:
+            background.add_task(self._keep, request.session_id, cache_key, text)
+        else:
+            await self._keep(request.session_id, cache_key, text)
         self._log_answer(request, request_id, source, text)
         elapsed = time.perf_counter() - started
         self._metrics.request_duration.labels(personality.name, source, version).observe(elapsed)
@@ -282,16 +290,47 @@ class FastResponseService:
         fresh = next((phrase for phrase in said if not repeats(phrase, recent)), None)
         return fresh or max(said, key=lambda phrase: _said_ago(phrase, recent))
 
-    async def _recent(self, session_id: str | None) -> list[str]:
-        """The session's remembered answers, newest first ([] without memory or id)."""
-        if self.memory is None or session_id is None:
-            return []
-        return await self.memory.recent(session_id)
+    async def _recall(
+        self,
+        personality: Personality,
+        session_id: str | None,
+        key: str | None,
+        safety: TurnSafety,
+    ) -> tuple[list[str], str | None]:
+        """The session's remembered answers (newest first; [] without memory or id) and a
+        stored answer under `key` that does not repeat them and passes `safety` (chosen
+        at random among those; None without a cache or key), read concurrently. Cache
+        lookups are counted in `fastresp_cache_lookups_total`."""
 
-    async def _remember(self, session_id: str | None, text: str) -> None:
-        """Remember `text` as the session's newest answer (no-op without memory or id)."""
+        async def recent() -> list[str]:
+            if self.memory is None or session_id is None:
+                return []
+            return await self.memory.recent(session_id)
+
+        async def stored() -> list[str] | None:
+            if self.cache is None or key is None:
+                return []
+            return await self.cache.get(key)
+
+        remembered, answers = await asyncio.gather(recent(), stored())
+        if self.cache is None or key is None:
+            return remembered, None
+        if answers is None:
+            self._metrics.cache_lookups.labels(personality.name, "error").inc()
+            return remembered, None
+        fresh = [a for a in answers if not repeats(a, remembered) and safety.check(a) is None]
+        self._metrics.cache_lookups.labels(personality.name, "hit" if fresh else "miss").inc()
+        return remembered, random.choice(fresh) if fresh else None
+
+    async def _keep(self, session_id: str | None, key: str | None, text: str) -> None:
+        """Remember `text` as the session's newest answer and, with a cache `key` (a model
+        answer), store it in the response cache; concurrently, never raising."""
+        work = []
         if self.memory is not None and session_id is not None:
-            await self.memory.remember(session_id, text)
+            work.append(self.memory.remember(session_id, text))
+        if self.cache is not None and key is not None:
+            work.append(self.cache.add(key, text))
+        await asyncio.gather(*work)
 
     def _cache_key(
         self,
@@ -311,28 +350,6 @@ class FastResponseService:
             request.user_turn,
             request.main_response,
         )
-
-    async def _from_cache(
-        self, personality: Personality, key: str | None, recent: list[str], safety: TurnSafety
-    ) -> str | None:
-        """A stored answer under `key` that does not repeat `recent` and passes `safety`
-        (chosen at random among those), or None; counted in
-        `fastresp_cache_lookups_total`."""
-        if self.cache is None or key is None:
-            return None
-        stored = await self.cache.get(key)
-        if stored is None:
-            self._metrics.cache_lookups.labels(personality.name, "error").inc()
-            return None
-        fresh = [t for t in stored if not repeats(t, recent) and safety.check(t) is None]
-        result = "hit" if fresh else "miss"
-        self._metrics.cache_lookups.labels(personality.name, result).inc()
-        return random.choice(fresh) if fresh else None
-
-    async def _store(self, key: str | None, text: str) -> None:
-        """Add a guarded model answer to the response cache (no-op without one)."""
-        if self.cache is not None and key is not None:
-            await self.cache.add(key, text)
 
     def _fallback(self, personality: Personality, user_turn: str, recent: list[str]) -> str:
         """The personality's next fallback phrase that does not repeat `recent` (the
@@ -452,16 +469,14 @@ class FastResponseService:
         rest: str | None = None
         failure: tuple[FallbackReason, str | None, str] | None = None
         first_token = True
-        recent = await self._recent(request.session_id)
-        cached: str | None = None
         key: str | None = None
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             version = active.version if active else BASE_VERSION
+            if not safety.unsafe_input:
+                key = self._cache_key(personality, active, request)
+            recent, cached = await self._recall(personality, request.session_id, key, safety)
             if safety.unsafe_input:
                 cached = self._acknowledgement(recent)
-            else:
-                key = self._cache_key(personality, active, request)
-                cached = await self._from_cache(personality, key, recent, safety)
             if cached is None:
                 generation = self.generation_for(personality, turn, active)
                 deadline = asyncio.get_running_loop().time() + self.deadline_s
@@ -524,13 +539,11 @@ class FastResponseService:
                     self._observe_stream_first_token(personality.name, started)
                 yield TokenEvent(rest)
             source, text = "model", guard.sent
-            await self._store(key, text)
         else:
             reason, detail, message = failure or (FallbackReason.GUARD, None, "no answer")
             yield ErrorEvent(reason.value, detail, message)
             source, text = "fallback", self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
-        await self._remember(request.session_id, text)
         self._log_answer(request, request_id, source, text)
         elapsed = time.perf_counter() - started
         self._metrics.requests.labels(personality.name, source, "ok", version).inc()
@@ -545,6 +558,8 @@ class FastResponseService:
                 request_id=request_id,
             )
         )
+        # After `done` is sent: the session memory and the cache cost the child no time.
+        await self._keep(request.session_id, key if source == "model" else None, text)
 
     def _observe_stream_first_token(self, personality: str, started: float) -> None:
         """Record the time from `started` to the first `token` event of a stream."""

@@ -8,7 +8,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -102,6 +102,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def fast_response(
     body: FastResponseRequest,
     request: Request,
+    background: BackgroundTasks,
     service: ServiceDep,
     feedback: FeedbackDep,
     request_log: RequestLogDep,
@@ -110,7 +111,8 @@ async def fast_response(
     be rated with `POST /feedback` by its `request_id`. A client that disconnects before
     the answer cancels the work, which aborts the engine request; it is counted with
     status 499 (`fastresp_requests_total{outcome="client_error"}`)."""
-    response = await until_disconnected(request.receive, service.respond(body))
+    # The session memory and the response cache are written after the answer is sent.
+    response = await until_disconnected(request.receive, service.respond(body, background))
     if response is None:
         logger.info("request %s: the client disconnected; generation aborted", body.request_id)
         return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -17,7 +17,7 @@
   remembered one's.
 
 Redis is optional on the hot path: every call has the client's short timeout (setting
-`redis_timeout_ms`, 50 ms, no retries), and a failure is logged (without text), counted in
+`redis_timeout_ms`, 25 ms, no retries), and a failure is logged (without text), counted in
 `fastresp_redis_errors_total{operation}` and treated as "nothing remembered / nothing
 cached", so a Redis outage costs variety and cache hits, never an answer. The same client
 reconnects by itself when Redis is back.

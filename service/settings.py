@@ -213,10 +213,11 @@ class Settings(BaseSettings):
     """Prefix of every Redis key and channel this service uses (e.g. `fastresp:adapters`),
     so several deployments can share one Redis. No whitespace."""
 
-    redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
+    redis_timeout_ms: int = Field(default=25, ge=1, le=10_000)
     """Connect and reply timeout of the hot path's Redis calls (session memory, response
-    cache), in ms, with no retries: a slow or dead Redis costs a request at most about
-    this per call, and the answer goes on without it (`service.session_state`)."""
+    cache), in ms, with no retries. The two reads of a request run together before the
+    answer and its writes after it is sent, so a hung Redis adds about this much to a
+    request; the answer goes on without it (`service.session_state`)."""
 
     # --- Sessions and the response cache (issue 8, parts 1 and 2; service/session_state.py) ---
 
