@@ -13,7 +13,6 @@ route noticing the disconnect, the generation runs to its end and the test fails
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +26,7 @@ from service.app import create_app
 from service.disconnect import until_disconnected
 from service.engine import Engine, GenerationRequest, GenerationResult
 from tests.conftest import engine_settings, live_app
+from tests.test_streaming import wait_unfinished
 
 TURN = {"pika_turn": "What did you eat today?", "user_turn": "I ate pho with my dad"}
 LONG_TOKENS = 1900
@@ -79,15 +79,6 @@ def samples(metrics: str, name: str, **labels: str) -> float:
 FINISHED = "vllm:request_success_total"  # vLLM counts finished requests; aborts are not
 GENERATED = "vllm:generation_tokens_total"
 REQUESTS = "fastresp_requests_total"
-
-
-async def wait_unfinished(engine: Engine, done: Callable[[int], bool]) -> int:
-    """Poll vLLM's unfinished-request count until `done` holds (at most 12 s)."""
-    for _ in range(600):
-        if done(count := engine.num_unfinished_requests()):
-            break
-        await asyncio.sleep(0.02)
-    return count
 
 
 @pytest.mark.engine
