@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=HERE, help="where the two files go")
     parser.add_argument("--strict", action="store_true", help="exit 2 when the audit could not run")
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds per pip-audit run (default 600)"
+        "--timeout", type=float, default=120.0, help="seconds per pip-audit run (default 120)"
     )
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)

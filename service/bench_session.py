@@ -91,6 +91,8 @@ def _redis(url: str | None) -> Iterator[str]:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                     break
                 time.sleep(0.05)
+            else:
+                raise SystemExit(f"redis-server on port {port} did not start within 10 s")
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             process.terminate()

@@ -7,6 +7,7 @@ the engine happens here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import random
@@ -28,7 +29,14 @@ from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
 from service.schemas import FastResponseRequest, FastResponseResponse
 from service.session_state import ResponseCache, SessionMemory, cache_key, normalise, repeats
-from service.streaming import DoneEvent, ErrorEvent, StreamEvent, StreamGuard, TokenEvent
+from service.streaming import (
+    REPEATED,
+    DoneEvent,
+    ErrorEvent,
+    StreamEvent,
+    StreamGuard,
+    TokenEvent,
+)
 from service.text_checks import opener
 
 if TYPE_CHECKING:
@@ -44,10 +52,11 @@ WARM_UP_TIMEOUT_S = 300.0
 #: Generations per request: a guard rejection is sampled again once, within the deadline.
 GENERATION_ATTEMPTS = 2
 
-#: Served with the tone guard on when every fallback phrase of the personality would
-#: clash with the child's mood. It has no sentiment words, so it is neither exuberant nor
-#: gloomy and fits any child (`adapters.signals.tone`).
-NEUTRAL_FALLBACK = "I hear you."
+#: The first neutral acknowledgement (`child_safety.NEUTRAL_ACKNOWLEDGEMENTS`, served in
+#: turn): after an unsafe child turn, and with the tone guard on when every fallback
+#: phrase of the personality would clash with the child's mood. No sentiment words, so
+#: it is neither exuberant nor gloomy and fits any child (`adapters.signals.tone`).
+NEUTRAL_FALLBACK = NEUTRAL_ACKNOWLEDGEMENTS[0]
 
 
 class FallbackReason(StrEnum):
@@ -80,7 +89,9 @@ class FastResponseService:
 
     The fallback phrase is used only on a deadline, an engine error, a guard rejection
     or when every sample repeated the session's last answers, and each use is counted in
-    `fastresp_fallbacks_total`. With `memory` (`service.session_state`), a request with a
+    `fastresp_fallbacks_total`; a child's turn with an unsafe word gets a neutral
+    acknowledgement instead, without the model (`service.child_safety`), counted there
+    too. With `memory` (`service.session_state`), a request with a
     `session_id` avoids that session's last answers; with `cache`, a stored model answer
     of the same turns is served first (`source: "cache"`) and new model answers are
     stored.
@@ -98,8 +109,10 @@ class FastResponseService:
         memory: SessionMemory | None = None,
         cache: ResponseCache | None = None,
         log_text: bool = False,
+        cache_context: str = "",
     ) -> None:
         self._engine = engine
+        self.cache_context = cache_context
         self.log_text = log_text
         self.memory = memory
         self.cache = cache
@@ -224,7 +237,8 @@ class FastResponseService:
         key: str | None = None
         # The adapter active at admission answers, even if a swap happens meanwhile.
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
-            if not safety.unsafe_input:
+            # Turns with the child's personal details are not cached, not even hashed.
+            if not safety.unsafe_input and not safety.details:
                 key = self._cache_key(personality, active, request)
             recent, text = await self._recall(personality, request.session_id, key, safety)
             source = "cache"
@@ -268,7 +282,7 @@ class FastResponseService:
         self, request: FastResponseRequest, request_id: str, source: str, text: str
     ) -> None:
         """One debug line per answer: ids, source and lengths; the texts only with
-        `log_text` (setting `log_text_debug`), since they are the child's words."""
+        `log_text` (setting `log_text`, a debug flag), since they are the child's words."""
         if not logger.isEnabledFor(logging.DEBUG):
             return
         if self.log_text:
@@ -284,11 +298,9 @@ class FastResponseService:
             )  # fmt: skip
 
     def _acknowledgement(self, recent: list[str]) -> str:
-        """The next neutral acknowledgement (`child_safety.NEUTRAL_ACKNOWLEDGEMENTS`) that
-        does not repeat `recent`; when all do, the one said longest ago."""
-        said = [next(self._acknowledgements) for _ in NEUTRAL_ACKNOWLEDGEMENTS]
-        fresh = next((phrase for phrase in said if not repeats(phrase, recent)), None)
-        return fresh or max(said, key=lambda phrase: _said_ago(phrase, recent))
+        """The next neutral acknowledgement (`child_safety.NEUTRAL_ACKNOWLEDGEMENTS`, in
+        turn) that does not repeat `recent`; when all do, the one said longest ago."""
+        return _next_fresh(self._acknowledgements, len(NEUTRAL_ACKNOWLEDGEMENTS), recent)
 
     async def _recall(
         self,
@@ -339,36 +351,37 @@ class FastResponseService:
         request: FastResponseRequest,
     ) -> str | None:
         """The response-cache key of `request` as answered by `active`; None without a
-        cache."""
+        cache. Besides the turns and the adapter version, the key covers `cache_context`
+        (the base model and prompt mode), the personality's definition and the adapter's
+        folder, so an edited personality or another model never hears older answers."""
         if self.cache is None:
             return None
         version = active.version if active else None
+        definition = hashlib.sha256(repr(personality).encode()).hexdigest()
+        adapter = str(active.ref.path) if active else ""
         return cache_key(
             personality.name,
             version,
             request.pika_turn,
             request.user_turn,
             request.main_response,
+            context=f"{self.cache_context}|{definition}|{adapter}",
         )
 
     def _fallback(self, personality: Personality, user_turn: str, recent: list[str]) -> str:
         """The personality's next fallback phrase that does not repeat `recent` (the
         session's last answers); when every phrase does, the one said longest ago. With the
-        tone guard on, phrases whose tone clashes with `user_turn` are skipped, and
-        NEUTRAL_FALLBACK is used when all do.
+        tone guard on, phrases whose tone clashes with `user_turn` are skipped, and a
+        neutral acknowledgement (`_acknowledgement`) is used when all do.
         """
         phrases = self._fallbacks[personality.name]
-        fitting: list[str] = []
-        for _ in personality.fallback_phrases:
-            phrase = next(phrases)
-            if self.tone_guard and check_tone_fit(phrase, user_turn).text is None:
-                continue
-            if not repeats(phrase, recent):
-                return phrase
-            fitting.append(phrase)
-        if not fitting:
-            return NEUTRAL_FALLBACK
-        return max(fitting, key=lambda phrase: _said_ago(phrase, recent))
+        if self.tone_guard:
+            fitting = [p for p in personality.fallback_phrases if check_tone_fit(p, user_turn).text]
+            if not fitting:
+                return self._acknowledgement(recent)
+            phrases = (p for p in phrases if p in fitting)
+            return _next_fresh(phrases, len(fitting), recent)
+        return _next_fresh(phrases, len(personality.fallback_phrases), recent)
 
     async def _generate(
         self,
@@ -472,7 +485,7 @@ class FastResponseService:
         key: str | None = None
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             version = active.version if active else BASE_VERSION
-            if not safety.unsafe_input:
+            if not safety.unsafe_input and not safety.details:
                 key = self._cache_key(personality, active, request)
             recent, cached = await self._recall(personality, request.session_id, key, safety)
             if safety.unsafe_input:
@@ -484,7 +497,7 @@ class FastResponseService:
                 engine_started = time.perf_counter()
                 try:
                     for attempt in range(GENERATION_ATTEMPTS):
-                        guard = StreamGuard(personality.max_words, user_turn, safety)
+                        guard = StreamGuard(personality.max_words, user_turn, safety, recent)
                         engine_id = f"{request_id}-{attempt}-{uuid.uuid4().hex[:12]}"
                         result: GenerationResult | None = None
                         stream = self._engine.generate_stream(engine_id, generation)
@@ -510,7 +523,12 @@ class FastResponseService:
                         # Nothing sent yet: sample again, as `respond` does.
                         if guard.sent or attempt + 1 == GENERATION_ATTEMPTS:
                             message = f"the generated text failed the guard ({verdict.rejection})"
-                            failure = (FallbackReason.GUARD, verdict.rejection, message)
+                            reason = (
+                                FallbackReason.REPEAT
+                                if verdict.rejection == REPEATED
+                                else FallbackReason.GUARD
+                            )
+                            failure = (reason, verdict.rejection, message)
                             break
                 except TimeoutError:
                     logger.info(
@@ -564,6 +582,19 @@ class FastResponseService:
     def _observe_stream_first_token(self, personality: str, started: float) -> None:
         """Record the time from `started` to the first `token` event of a stream."""
         self._metrics.stream_first_token.labels(personality).observe(time.perf_counter() - started)
+
+
+def _next_fresh(phrases: Iterator[str], count: int, recent: list[str]) -> str:
+    """The next of `count` phrases from the cycle `phrases` that does not repeat
+    `recent`; when all of them do, the one said longest ago (the cycle moves on either
+    way, so answers without a session still rotate)."""
+    seen: list[str] = []
+    for _ in range(count):
+        phrase = next(phrases)
+        if not repeats(phrase, recent):
+            return phrase
+        seen.append(phrase)
+    return max(seen, key=lambda phrase: _said_ago(phrase, recent))
 
 
 def _said_ago(phrase: str, recent: list[str]) -> int:

@@ -28,12 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 import unicodedata
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from cachetools import TTLCache
 
 from service.text_checks import opener
 
@@ -47,15 +48,21 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_NOT_WORD = re.compile(r"[\W_]+")
-
 
 def normalise(text: str | None) -> str:
-    """`text` compared loosely: NFKC, case-folded, punctuation and spacing collapsed to
-    single spaces ("  What's 2+2? " -> "what s 2 2"). None -> ""."""
+    """`text` compared loosely: NFKC, case-folded, punctuation (Unicode category P*)
+    dropped and spacing collapsed to single spaces ("  What's 2+2? " -> "whats 2+2",
+    "No!" and "no" alike). Letters, digits and symbols stay, so "Red 🦄" and "Red 🐶"
+    differ. None -> ""."""
     if not text:
         return ""
-    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if ch.isspace() else ch for ch in folded if _not_punctuation(ch))
+    return " ".join(kept.split())
+
+
+def _not_punctuation(ch: str) -> bool:
+    return not unicodedata.category(ch).startswith("P")
 
 
 def repeats(candidate: str, recent: Sequence[str]) -> bool:
@@ -123,34 +130,34 @@ class SessionMemory(Protocol):
 
 
 class InMemorySessionMemory:
-    """`SessionMemory` in this process: an LRU of at most `max_sessions` sessions, each
-    the last `turns` responses, dropped `ttl_s` seconds after its latest response."""
+    """`SessionMemory` in this process: a `cachetools.TTLCache` of at most `max_sessions`
+    sessions (least recently used dropped first), each the last `turns` responses,
+    dropped `ttl_s` seconds after its latest response. `timer` is the clock in seconds
+    (`time.monotonic`; a test may pass its own)."""
 
-    def __init__(self, turns: int, ttl_s: float, max_sessions: int = 100_000) -> None:
+    def __init__(
+        self,
+        turns: int,
+        ttl_s: float,
+        max_sessions: int = 100_000,
+        timer: Callable[[], float] | None = None,
+    ) -> None:
         self.turns = turns
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
-        self._sessions: OrderedDict[str, tuple[float, deque[str]]] = OrderedDict()
+        self._sessions: TTLCache[str, deque[str]] = TTLCache(
+            max_sessions, ttl_s, timer=timer or time.monotonic
+        )
 
     async def recent(self, session_id: str) -> list[str]:
-        entry = self._sessions.get(session_id)
-        if entry is None:
-            return []
-        expires, texts = entry
-        if time.monotonic() >= expires:
-            del self._sessions[session_id]
-            return []
-        return list(texts)
+        return list(self._sessions.get(session_id, ()))
 
     async def remember(self, session_id: str, text: str) -> None:
         if self.turns == 0:
             return
-        entry = self._sessions.pop(session_id, None)
-        texts = entry[1] if entry else deque(maxlen=self.turns)
+        texts = self._sessions.pop(session_id, None) or deque(maxlen=self.turns)
         texts.appendleft(text)
-        self._sessions[session_id] = (time.monotonic() + self.ttl_s, texts)
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+        self._sessions[session_id] = texts  # re-set: its TTL counts from now
 
 
 class RedisSessionMemory:
@@ -189,17 +196,17 @@ class RedisSessionMemory:
         pipe = self._client.pipeline(transaction=False)
         pipe.lpush(key, text)
         pipe.ltrim(key, 0, self.turns - 1)
-        pipe.expire(key, int(self.ttl_s))
+        pipe.pexpire(key, max(1, round(self.ttl_s * 1000)))
         await self._calls.call("session_write", pipe.execute())
 
 
-# Adds one answer unless the set already holds K, then refreshes the TTL. Atomic, so
-# concurrent gateways never store more than K.
+# Adds one answer unless the set already holds K, then restarts the TTL (ms), so a key
+# lives `ttl_s` after its latest add. Atomic: concurrent gateways never store more than K.
 _CACHE_ADD = """
 if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('SADD', KEYS[1], ARGV[1])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return redis.call('SCARD', KEYS[1])
 """
 
@@ -210,15 +217,19 @@ def cache_key(
     pika_turn: str | None,
     user_turn: str,
     main_response: str | None,
+    context: str = "",
 ) -> str:
     """The response-cache key: sha256 hex of the personality, the adapter version (None:
-    the base model) and the `normalise`d turns. Raw text is never part of a Redis key."""
+    the base model), the `normalise`d turns and `context` (what else decides the answer:
+    the base model, the prompt mode, the personality's definition and the adapter's
+    folder; `FastResponseService` passes them). Raw text is never part of a Redis key."""
     parts = [
         personality,
         adapter_version,
         normalise(pika_turn),
         normalise(user_turn),
         normalise(main_response),
+        context,
     ]
     return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
@@ -259,5 +270,8 @@ class ResponseCache:
         raises)."""
         await self._calls.call(
             "cache_write",
-            self._add(keys=[self.redis_key(key)], args=[text, self.size, int(self.ttl_s)]),
+            self._add(
+                keys=[self.redis_key(key)],
+                args=[text, self.size, max(1, round(self.ttl_s * 1000))],
+            ),
         )

@@ -43,6 +43,8 @@ A rejection before any text was sent is sampled again once within the deadline, 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi.sse import ServerSentEvent
@@ -52,10 +54,18 @@ from service.child_safety import TurnSafety
 from service.engine import GenerationResult
 from service.guard import GuardResult, check_tone_fit, clean_fast_response, may_become_role_prefix
 from service.schemas import FastResponseResponse
+from service.session_state import repeats
+from service.text_checks import opener, word_tokens
 
 #: The `error` event's `detail` when the finished text passes the guard but does not
 #: continue the text already sent (for example a role prefix spread over several words).
 RETRACTED = "retracted"
+
+#: The `error` event's `detail` when the answer repeats the session's last answers (the
+#: same text or the same first two words, `session_state.repeats`); nothing was sent.
+REPEATED = "repeat"
+
+_DIGIT = re.compile(r"\d")
 
 
 class StreamToken(BaseModel):
@@ -134,17 +144,28 @@ class StreamGuard:
         max_words: the personality's word limit.
         user_turn: what the child said, for the tone guard; None when it is off.
         safety: the request's child-safety check (`child_safety.inspect_turn`): text it
-            rejects is never released. A rejected phrase of several words may have had
-            its first words released already (they were safe alone); `finish` then
-            rejects the answer and a fallback follows.
+            rejects is never released, and words with digits at the end of the text are
+            held back until a word without digits follows (or the answer ends), so no
+            part of a phone number is sent before the whole is checked. A rejected phrase
+            of several words may have had its first words released already (they were
+            safe alone); `finish` then rejects the answer and a fallback follows.
+        recent: the session's last answers (`session_state`): nothing is released until
+            the answer's first two words are known and do not open one of them, and
+            `finish` rejects a repeat (`REPEATED`), so it can be sampled again.
     """
 
     def __init__(
-        self, max_words: int, user_turn: str | None = None, safety: TurnSafety | None = None
+        self,
+        max_words: int,
+        user_turn: str | None = None,
+        safety: TurnSafety | None = None,
+        recent: Sequence[str] = (),
     ) -> None:
         self._max_words = max_words
         self._user_turn = user_turn
         self._safety = safety
+        self._recent = list(recent)
+        self._recent_openers = {opener(text) for text in recent}
         self._raw = ""
         self._checked = 0  # length of the raw prefix last checked (at a word boundary)
         self._stuck = False  # the guard's text stopped continuing what was sent
@@ -189,6 +210,8 @@ class StreamGuard:
         unsafe = self._safety.check(verdict.text) if self._safety is not None else None
         if unsafe is not None:
             return StreamVerdict(None, str(unsafe))
+        if repeats(verdict.text, self._recent):
+            return StreamVerdict(None, REPEATED)
         if not verdict.text.startswith(self.sent):
             return StreamVerdict(None, RETRACTED)
         rest = verdict.text[len(self.sent) :]
@@ -201,6 +224,15 @@ class StreamGuard:
         text = cleaned.text
         if text is not None and self._user_turn is not None:
             text = check_tone_fit(text, self._user_turn).text
-        if text is not None and self._safety is not None and self._safety.check(text):
-            return None
+        if text is not None and self._safety is not None:
+            if self._safety.check(text):
+                return None
+            words = text.split(" ")
+            while words and _DIGIT.search(words[-1]):
+                words.pop()  # maybe the start of a phone number: wait for what follows
+            text = " ".join(words) or None
+        if text is not None and self._recent:
+            first = opener(text)
+            if len(word_tokens(text)) < 2 or first in self._recent_openers:
+                return None  # not known yet not to repeat; `finish` decides
         return text

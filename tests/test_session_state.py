@@ -56,7 +56,12 @@ def test_repeats(candidate: str, recent: list[str], expected: bool) -> None:
 
 def test_cache_key_covers_version_and_ignores_case_and_punctuation() -> None:
     key = cache_key("calm", "v1", "What's 2+2?", "Four!", None)
-    assert key == cache_key("calm", "v1", "what's 2 + 2", "four", None)
+    assert key == cache_key("calm", "v1", "  what\u2019s 2+2", "four", None)
+    # Emoji are not punctuation: another animal is another turn.
+    assert cache_key("calm", "v1", None, "Red 🦄!", None) != cache_key(
+        "calm", "v1", None, "Red 🐶!", None
+    )
+    assert key != cache_key("calm", "v1", "What's 2+2?", "Four!", None, context="other model")
     assert key != cache_key("calm", "v2", "What's 2+2?", "Four!", None)
     assert key != cache_key("calm", None, "What's 2+2?", "Four!", None)
     assert key != cache_key("cheerful", "v1", "What's 2+2?", "Four!", None)
@@ -79,10 +84,14 @@ async def test_in_memory_memory_keeps_the_last_turns_newest_first() -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_in_memory_memory_forgets_after_its_ttl() -> None:
-    memory = InMemorySessionMemory(turns=5, ttl_s=0.05)
+    now = [1000.0]
+    memory = InMemorySessionMemory(turns=5, ttl_s=60, timer=lambda: now[0])
     await memory.remember("s", "a")
-    assert await memory.recent("s") == ["a"]
-    await asyncio.sleep(0.2)
+    now[0] += 59
+    await memory.remember("s", "b")  # the TTL counts from the latest answer
+    now[0] += 59
+    assert await memory.recent("s") == ["b", "a"]
+    now[0] += 2
     assert await memory.recent("s") == []
 
 
@@ -231,6 +240,8 @@ async def test_the_response_cache_serves_other_sessions_and_follows_the_version(
         assert (await put_adapter(client, "p1", signature_adapters["beta"])).status_code == 200
         fresh = await ask(client, "d")
         fresh_hit = await ask(client, "e")
+        # A turn with the child's name is never cached, not even hashed: two models.
+        named = [await ask(client, s, user_turn="my name is Zoe Park") for s in ("f", "g")]
         metrics = (await client.get("/metrics")).text
     assert (first["source"], first["fast_response"]) == ("model", "alpha alpha")
     assert (hit["source"], hit["fast_response"]) == ("cache", "alpha alpha")
@@ -240,6 +251,7 @@ async def test_the_response_cache_serves_other_sessions_and_follows_the_version(
     assert (events[-1]["source"], events[-1]["fast_response"]) == ("cache", "alpha alpha")
     assert (fresh["source"], fresh["fast_response"]) == ("model", "beta beta")
     assert (fresh_hit["source"], fresh_hit["fast_response"]) == ("cache", "beta beta")
+    assert [a["source"] for a in named] == ["model", "model"], named
     assert sample(metrics, "fastresp_cache_lookups_total", result="hit") == 3
     assert sample(metrics, "fastresp_cache_lookups_total", result="miss") == 3
     check = redis.Redis.from_url(redis_url, decode_responses=True)
