@@ -328,7 +328,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 memory=memory if settings.session_memory_turns else None,
                 cache=cache,
                 log_text=settings.log_text,
-                cache_context=f"{settings.resolved_model()}|{settings.base_prompt_mode}",
+                cache_context=(
+                    f"{settings.resolved_model()}|{settings.base_prompt_mode}"
+                    f"|tone_guard={settings.tone_guard}"
+                ),
             )
             # Loads the profanity list and libphonenumber's metadata (about 50 ms).
             await asyncio.to_thread(child_safety.warm_up)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -257,8 +258,10 @@ class TurnSafety:
         Checks, first failing one named: ECHOES_UNSAFE_INPUT (a child's unsafe word or
         phrase, whole words, any case), UNSAFE_WORDS (the profanity filter flags it),
         ECHOES_PERSONAL_DETAIL (`echoes_personal_details`), CONTACT_DETAILS
-        (`contains_contact`).
+        (`contains_contact`). The candidate is NFKC-normalised first, as the turn was
+        (`inspect_turn`), so full-width or compatibility letters match plain ones.
         """
+        candidate = unicodedata.normalize("NFKC", candidate)
         if self.unsafe_words and _echoes_words(_padded_tokens(candidate), self.unsafe_words):
             return SafetyRejection.ECHOES_UNSAFE_INPUT
         if unsafe_words(candidate):
@@ -271,7 +274,12 @@ class TurnSafety:
 
 
 def inspect_turn(pika_turn: str | None, user_turn: str) -> TurnSafety:
-    """The child's unsafe words and personal details, for `TurnSafety.check`."""
+    """The child's unsafe words and personal details, for `TurnSafety.check`. Both turns
+    are NFKC-normalised first ("my name is \uff21\uff2e\uff2e\uff21", full-width, is
+    "ANNA")."""
+    user_turn = unicodedata.normalize("NFKC", user_turn)
+    if pika_turn is not None:
+        pika_turn = unicodedata.normalize("NFKC", pika_turn)
     return TurnSafety(tuple(unsafe_words(user_turn)), personal_details(pika_turn, user_turn))
 
 

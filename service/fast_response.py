@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import AbstractContextManager, aclosing
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import BackgroundTasks
@@ -113,6 +114,7 @@ class FastResponseService:
     ) -> None:
         self._engine = engine
         self.cache_context = cache_context
+        self._fingerprints: dict[tuple[str, str, float], str] = {}
         self.log_text = log_text
         self.memory = memory
         self.cache = cache
@@ -353,12 +355,14 @@ class FastResponseService:
         """The response-cache key of `request` as answered by `active`; None without a
         cache. Besides the turns and the adapter version, the key covers `cache_context`
         (the base model and prompt mode), the personality's definition and the adapter's
-        folder, so an edited personality or another model never hears older answers."""
+        folder, so an edited personality or another model never hears older answers. The
+        adapter is named by its folder and its files' names, sizes and modification times
+        (`_adapter_fingerprint`), so weights replaced in place and loaded again get new keys."""
         if self.cache is None:
             return None
         version = active.version if active else None
         definition = hashlib.sha256(repr(personality).encode()).hexdigest()
-        adapter = str(active.ref.path) if active else ""
+        adapter = self._adapter_fingerprint(active) if active else ""
         return cache_key(
             personality.name,
             version,
@@ -367,6 +371,24 @@ class FastResponseService:
             request.main_response,
             context=f"{self.cache_context}|{definition}|{adapter}",
         )
+
+    def _adapter_fingerprint(self, active: ActiveAdapter) -> str:
+        """sha256 of `active`'s folder and its files' names, sizes and mtimes, computed
+        once per activation (a few `stat` calls); the folder alone when it is unreadable."""
+        memo = (str(active.ref.path), active.version, active.loaded_at)
+        found = self._fingerprints.get(memo)
+        if found is None:
+            folder = Path(active.ref.path)
+            try:
+                files = sorted((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
+                stamp = "|".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in files)
+            except OSError:
+                stamp = ""
+            found = hashlib.sha256(f"{folder}|{stamp}".encode()).hexdigest()
+            if len(self._fingerprints) > 1000:  # activations over a long life
+                self._fingerprints.clear()
+            self._fingerprints[memo] = found
+        return found
 
     def _fallback(self, personality: Personality, user_turn: str, recent: list[str]) -> str:
         """The personality's next fallback phrase that does not repeat `recent` (the

@@ -50,6 +50,14 @@ def _turn_text(value: str) -> str:
             "must contain a letter or digit (empty, whitespace-, punctuation- or emoji-only "
             "text has nothing to react to)"
         )
+    # Imported here: child_safety loads the profanity and phone-number libraries.
+    from service.child_safety import strip_control_tokens
+
+    if not any(ch.isalnum() for ch in strip_control_tokens(value)):
+        raise ValueError(
+            "must contain a letter or digit besides chat-template control tokens such as "
+            "<|im_start|> (they are taken out of every turn)"
+        )
     return value
 
 

@@ -48,21 +48,34 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: A Redis outage is logged at most once per this many seconds per store (each failed
+#: call is counted in `fastresp_redis_errors_total`).
+LOG_EVERY_S = 10.0
+
+
+#: Typographic quotes and apostrophes read as the plain ones.
+_QUOTES = str.maketrans("\u2018\u2019\u201c\u201d", "''\"\"")
+
 
 def normalise(text: str | None) -> str:
-    """`text` compared loosely: NFKC, case-folded, punctuation (Unicode category P*)
-    dropped and spacing collapsed to single spaces ("  What's 2+2? " -> "whats 2+2",
-    "No!" and "no" alike). Letters, digits and symbols stay, so "Red 🦄" and "Red 🐶"
-    differ. None -> ""."""
+    """`text` compared loosely: NFKC, case-folded, typographic quotes made plain, spacing
+    collapsed to single spaces, and punctuation (Unicode category P*) and spaces stripped
+    at both ends only ("  What's 2+2? " -> "what's 2+2"; "No!" and "no" alike). Inside
+    the text everything stays, so "1.5 + 1.5" and "15 + 15", "20-5" and "205", "Red 🦄"
+    and "Red 🐶" differ. None -> ""."""
     if not text:
         return ""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    kept = "".join(" " if ch.isspace() else ch for ch in folded if _not_punctuation(ch))
-    return " ".join(kept.split())
+    folded = " ".join(unicodedata.normalize("NFKC", text).casefold().translate(_QUOTES).split())
+    start, end = 0, len(folded)
+    while start < end and _is_edge(folded[start]):
+        start += 1
+    while end > start and _is_edge(folded[end - 1]):
+        end -= 1
+    return folded[start:end]
 
 
-def _not_punctuation(ch: str) -> bool:
-    return not unicodedata.category(ch).startswith("P")
+def _is_edge(ch: str) -> bool:
+    return ch.isspace() or unicodedata.category(ch).startswith("P")
 
 
 def repeats(candidate: str, recent: Sequence[str]) -> bool:
@@ -100,6 +113,8 @@ class _RedisCalls:
         self._metrics = metrics
         self.last_error: str | None = None
         """The latest failure ("ConnectionError: ..."), None after a success."""
+        self._logged_at = -LOG_EVERY_S
+        self._unlogged = 0
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T | None:
         import redis
@@ -108,9 +123,17 @@ class _RedisCalls:
             result = await awaitable
         except (redis.RedisError, OSError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("redis %s failed: %s", operation, self.last_error)
             if self._metrics is not None:
                 self._metrics.redis_errors.labels(operation).inc()
+            now = time.monotonic()
+            if now - self._logged_at < LOG_EVERY_S:
+                self._unlogged += 1
+                return None
+            logger.warning(
+                "redis %s failed: %s (%d more failures not logged in the last %.0f s)",
+                operation, self.last_error, self._unlogged, LOG_EVERY_S,
+            )  # fmt: skip
+            self._logged_at, self._unlogged = now, 0
             return None
         self.last_error = None
         return result

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from service.child_safety import NEUTRAL_ACKNOWLEDGEMENTS, inspect_turn
 from service.engine import Engine, GenerationRequest, GenerationResult
@@ -81,6 +82,7 @@ async def test_an_unsafe_child_turn_gets_a_neutral_acknowledgement_without_the_m
     [
         (None, "my name is Anna Lopez", "Hi Anna Lopez, nice!"),
         (None, "my name is Anna Lopez", "Ooh, Anna, lovely!"),  # a part of the name
+        (None, "my name is \uff21\uff2e\uff2e\uff21", "Hi Anna!"),  # full-width letters
         ("What's your name?", "Tom", "Hi Tom!"),  # the answer to a name question
         (None, "my email is tom.b@example.com", "Ooh, tom.b@example.com!"),
         (None, "my phone is 07700 900123", "Wow, 07700900123!"),  # re-spaced digits
@@ -212,3 +214,11 @@ async def test_acknowledgements_rotate_without_a_session() -> None:
     answers = [(await svc.respond(request("shut up"))).fast_response for _ in range(3)]
     assert len(set(answers)) == 3, answers
     metrics.close()
+
+
+@pytest.mark.parametrize("turn", ["<|im_end|>", "<start_of_turn> <end_of_turn>", "</s><s>"])
+def test_a_turn_of_control_tokens_only_is_refused(turn: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        FastResponseRequest(personality="cheerful", user_turn=turn)
+    assert info.value.errors()[0]["loc"] == ("user_turn",)
+    assert turn not in str(info.value.errors()[0]["msg"])

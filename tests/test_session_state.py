@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ def test_cache_key_covers_version_and_ignores_case_and_punctuation() -> None:
         "calm", "v1", None, "Red 🐶!", None
     )
     assert key != cache_key("calm", "v1", "What's 2+2?", "Four!", None, context="other model")
+    # Punctuation inside a turn is kept: these are different questions.
+    for a, b in [("How much is 1.5 + 1.5?", "How much is 15 + 15?"), ("20-5", "205")]:
+        assert cache_key("calm", "v1", a, "3", None) != cache_key("calm", "v1", b, "3", None)
     assert key != cache_key("calm", "v2", "What's 2+2?", "Four!", None)
     assert key != cache_key("calm", None, "What's 2+2?", "Four!", None)
     assert key != cache_key("cheerful", "v1", "What's 2+2?", "Four!", None)
@@ -123,7 +127,9 @@ async def test_redis_memory_and_cache_on_a_real_redis(redis_url: str) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_dead_redis_means_nothing_remembered_and_counted() -> None:
+async def test_a_dead_redis_means_nothing_remembered_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from service.session_state import redis_client
     from service.settings import Settings
 
@@ -140,6 +146,9 @@ async def test_a_dead_redis_means_nothing_remembered_and_counted() -> None:
         exposition = metrics.exposition().decode()
         for operation in ("session_write", "session_read", "cache_read", "cache_write"):
             assert f'fastresp_redis_errors_total{{operation="{operation}"}} 1.0' in exposition
+        # Logged once per store and 10 s, not once per call (a flood at 50 RPS).
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 2, [r.getMessage() for r in warnings]
     finally:
         await client.aclose()
         metrics.close()
@@ -308,3 +317,31 @@ async def test_redis_killed_during_load_and_used_again_when_back(
         assert await check.llen("fastresp:session:after-restart:recent") == 1
     finally:
         await check.aclose()
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_weights_replaced_in_place_are_not_answered_from_the_cache(
+    engine: Engine,
+    tiny_model_dir: Path,
+    manifest: Path,
+    signature_adapters: dict[str, Path],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """The same folder and version, new weights loaded again: new cache keys."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(signature_adapters["alpha"], folder, copy_function=shutil.copyfile)
+    settings = gateway_settings(
+        tiny_model_dir, manifest, redis_url=redis_url, redis_key_prefix=f"w-{uuid.uuid4().hex}",
+        session_memory_turns=5, response_cache=True,
+    )  # fmt: skip
+    async with serve(settings, engine) as client:
+        assert (await put_adapter(client, "p1", folder, "v7")).status_code == 200
+        before = await ask(client, "a")
+        shutil.rmtree(folder)
+        shutil.copytree(signature_adapters["beta"], folder, copy_function=shutil.copyfile)
+        assert (await put_adapter(client, "p1", folder, "v7")).status_code == 200
+        after = await ask(client, "b")
+    assert (before["source"], before["fast_response"]) == ("model", "alpha alpha")
+    assert (after["source"], after["fast_response"]) == ("model", "beta beta"), after
