@@ -52,6 +52,9 @@ T = TypeVar("T")
 #: call is counted in `fastresp_redis_errors_total`).
 LOG_EVERY_S = 10.0
 
+#: Connections of one gateway process's hot-path Redis client.
+MAX_REDIS_CONNECTIONS = 128
+
 
 #: Typographic quotes and apostrophes read as the plain ones.
 _QUOTES = str.maketrans("\u2018\u2019\u201c\u201d", "''\"\"")
@@ -89,8 +92,10 @@ def repeats(candidate: str, recent: Sequence[str]) -> bool:
 
 def redis_client(settings: Settings) -> redis.Redis:
     """The hot-path Redis client for `settings.redis_url`: connect and reply timeouts of
-    `redis_timeout_ms`, no retries (a late answer is worse than none here). Raises
-    ValueError on a malformed URL."""
+    `redis_timeout_ms`, no retries (a late answer is worse than none here), at most
+    `MAX_REDIS_CONNECTIONS` connections (past them a call fails at once and is counted:
+    a hung Redis does not collect one connection per request). Raises ValueError on a
+    malformed URL."""
     import redis.asyncio as redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -103,6 +108,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,
+        max_connections=MAX_REDIS_CONNECTIONS,
     )
 
 
