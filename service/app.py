@@ -341,12 +341,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 seconds = await app.state.service.warm_up()
                 logger.info("warmed up %d personalities in %.1f s", len(personalities), seconds)
             logger.info(
-                "serving %s on %s, deadline %d ms, personalities: %s",
+                "serving %s on %s, deadline %d ms, personalities: %s; Redis: %s; session "
+                "memory: %s; response cache: %s",
                 settings.resolved_model(),
                 running.device,
                 deadline_ms,
                 ", ".join(personalities),
+                "on" if settings.redis_url else "off",
+                f"{settings.session_memory_turns} answers"
+                + (" in Redis" if settings.redis_url else " in this process")
+                if settings.session_memory_turns
+                else "off",
+                "on" if cache is not None else "off",
             )
+            if settings.log_text:
+                logger.warning(
+                    "FASTRESP_LOG_TEXT is on: debug log lines hold the children's words "
+                    "(names, phone numbers); for debugging only"
+                )
             yield {}
 
     app = FastAPI(

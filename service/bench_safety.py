@@ -211,7 +211,11 @@ def render(result: dict[str, Any]) -> str:
 
 def main() -> None:
     """Measure, print the section, write `--json`, and `--markdown` when given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m service.bench_safety",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Bridge validation.json")
     parser.add_argument(
         "--manifest",

@@ -207,6 +207,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m service.bench_session",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Anti-repetition over one 20-turn session (memory on vs off) and the "
         "response cache's hit rate on Bridge validation asked by 5 sessions, on the real "
         "model through the gateway app.",

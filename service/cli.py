@@ -76,8 +76,10 @@ def serve(
 
     Every option can also be set as an environment variable FASTRESP_<NAME>
     (see the README for the full list). FASTRESP_ADMIN_TOKEN enables the admin API
-    that hot-swaps adapters; FASTRESP_REDIS_URL shares the active adapter versions
-    between gateway replicas (without it they are kept in memory).
+    that hot-swaps adapters; FASTRESP_REDIS_URL (redis://host:port/db) shares the active
+    adapter versions, the session memory (no repeats within a session) and feedback
+    between gateway replicas and turns on the response cache (without it they are kept
+    in this process, and there is no response cache).
 
     SIGTERM: /readyz answers 503 and new requests are refused (the listening socket
     closes), requests in flight finish within FASTRESP_SHUTDOWN_GRACE_S (default 10 s),

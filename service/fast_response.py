@@ -242,6 +242,8 @@ class FastResponseService:
             # Turns with the child's personal details are not cached, not even hashed.
             if not safety.unsafe_input and not safety.details:
                 key = self._cache_key(personality, active, request)
+            elif self.cache is not None and safety.details:
+                self._metrics.cache_lookups.labels(personality.name, "skipped").inc()
             recent, text = await self._recall(personality, request.session_id, key, safety)
             source = "cache"
             if text is None and not safety.unsafe_input:
@@ -509,6 +511,8 @@ class FastResponseService:
             version = active.version if active else BASE_VERSION
             if not safety.unsafe_input and not safety.details:
                 key = self._cache_key(personality, active, request)
+            elif self.cache is not None and safety.details:
+                self._metrics.cache_lookups.labels(personality.name, "skipped").inc()
             recent, cached = await self._recall(personality, request.session_id, key, safety)
             if safety.unsafe_input:
                 cached = self._acknowledgement(recent)

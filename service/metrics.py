@@ -303,7 +303,9 @@ class Metrics:
         self.cache_lookups = Counter(
             "fastresp_cache_lookups_total",
             "Response-cache lookups by result (hit: a stored answer was served; miss: "
-            "none stored, or all repeat the session's last answers; error: Redis failed).",
+            "none stored, or all repeat the session's last answers or fail the safety "
+            "check; skipped: the turn holds personal details, never cached; error: Redis "
+            "failed).",
             ["personality", "result"],
             registry=self.registry,
         )

@@ -206,8 +206,9 @@ class Settings(BaseSettings):
     by default; it adds 0.03 ms per answer at P95 (`python -m service.bench_tone`,
     docs/benchmarks/tone_guard.json)."""
 
-    redis_url: str | None = None
-    """Redis URL (e.g. `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
+    redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://\S+$")
+    """Redis URL: `redis://host:port/db`, `rediss://` (TLS) or `unix://` (e.g.
+    `redis://localhost:6379/0`). None: no Redis; `/readyz` skips it."""
 
     redis_key_prefix: str = Field(default="fastresp", min_length=1, pattern=r"^\S+$")
     """Prefix of every Redis key and channel this service uses (e.g. `fastresp:adapters`),
