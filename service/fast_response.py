@@ -115,6 +115,10 @@ class FastResponseService:
         self._engine = engine
         self.cache_context = cache_context
         self._fingerprints: dict[tuple[str, str, float], str] = {}
+        # Each personality's definition, for the cache key (an edit means new keys).
+        self._definitions = {
+            name: hashlib.sha256(repr(p).encode()).hexdigest() for name, p in personalities.items()
+        }
         self.log_text = log_text
         self.memory = memory
         self.cache = cache
@@ -241,7 +245,7 @@ class FastResponseService:
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             # Turns with the child's personal details are not cached, not even hashed.
             if not safety.unsafe_input and not safety.details:
-                key = self._cache_key(personality, active, request)
+                key = await self._cache_key(personality, active, request)
             elif self.cache is not None and safety.details:
                 self._metrics.cache_lookups.labels(personality.name, "skipped").inc()
             recent, text = await self._recall(personality, request.session_id, key, safety)
@@ -348,7 +352,7 @@ class FastResponseService:
             work.append(self.cache.add(key, text))
         await asyncio.gather(*work)
 
-    def _cache_key(
+    async def _cache_key(
         self,
         personality: Personality,
         active: ActiveAdapter | None,
@@ -356,15 +360,17 @@ class FastResponseService:
     ) -> str | None:
         """The response-cache key of `request` as answered by `active`; None without a
         cache. Besides the turns and the adapter version, the key covers `cache_context`
-        (the base model and prompt mode), the personality's definition and the adapter's
+        (the base model, prompt mode and tone guard), the personality's definition and the
+        adapter's
         folder, so an edited personality or another model never hears older answers. The
         adapter is named by its folder and its files' names, sizes and modification times
-        (`_adapter_fingerprint`), so weights replaced in place and loaded again get new keys."""
+        (`_adapter_fingerprint`: a sha256 of its files' contents), so weights replaced in
+        place and loaded again get new keys."""
         if self.cache is None:
             return None
         version = active.version if active else None
-        definition = hashlib.sha256(repr(personality).encode()).hexdigest()
-        adapter = self._adapter_fingerprint(active) if active else ""
+        definition = self._definitions[personality.name]
+        adapter = await self._adapter_fingerprint(active) if active else ""
         return cache_key(
             personality.name,
             version,
@@ -374,19 +380,14 @@ class FastResponseService:
             context=f"{self.cache_context}|{definition}|{adapter}",
         )
 
-    def _adapter_fingerprint(self, active: ActiveAdapter) -> str:
-        """sha256 of `active`'s folder and its files' names, sizes and mtimes, computed
-        once per activation (a few `stat` calls); the folder alone when it is unreadable."""
+    async def _adapter_fingerprint(self, active: ActiveAdapter) -> str:
+        """sha256 of `active`'s folder name and its files' names and contents, computed
+        once per activation in a worker thread (a LoRA of a 4B model is tens of MB: about
+        0.1 s); the folder name alone when it is unreadable."""
         memo = (str(active.ref.path), active.version, active.loaded_at)
         found = self._fingerprints.get(memo)
         if found is None:
-            folder = Path(active.ref.path)
-            try:
-                files = sorted((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
-                stamp = "|".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in files)
-            except OSError:
-                stamp = ""
-            found = hashlib.sha256(f"{folder}|{stamp}".encode()).hexdigest()
+            found = await asyncio.to_thread(_folder_digest, Path(active.ref.path))
             if len(self._fingerprints) > 1000:  # activations over a long life
                 self._fingerprints.clear()
             self._fingerprints[memo] = found
@@ -510,7 +511,7 @@ class FastResponseService:
         with self._adapters.lease(personality.name, request.session_id or request_id) as active:
             version = active.version if active else BASE_VERSION
             if not safety.unsafe_input and not safety.details:
-                key = self._cache_key(personality, active, request)
+                key = await self._cache_key(personality, active, request)
             elif self.cache is not None and safety.details:
                 self._metrics.cache_lookups.labels(personality.name, "skipped").inc()
             recent, cached = await self._recall(personality, request.session_id, key, safety)
@@ -610,6 +611,21 @@ class FastResponseService:
         self._metrics.stream_first_token.labels(personality).observe(time.perf_counter() - started)
 
 
+def _folder_digest(folder: Path) -> str:
+    """sha256 of `folder`'s path and of each file's name and bytes, in name order; of the
+    path alone when the folder cannot be read."""
+    digest = hashlib.sha256(str(folder).encode())
+    try:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(b"\0" + path.name.encode() + b"\0")
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    except OSError:
+        return hashlib.sha256(str(folder).encode()).hexdigest()
+    return digest.hexdigest()
+
+
 def _next_fresh(phrases: Iterator[str], count: int, recent: list[str]) -> str:
     """The next of `count` phrases from the cycle `phrases` that does not repeat
     `recent`; when all of them do, the one said longest ago (the cycle moves on either
@@ -626,8 +642,9 @@ def _next_fresh(phrases: Iterator[str], count: int, recent: list[str]) -> str:
 def _said_ago(phrase: str, recent: list[str]) -> int:
     """How many answers ago (`recent` newest first) `phrase` or its opener was last said;
     len(recent) when it was not."""
-    text, first = normalise(phrase), opener(phrase)
+    text = normalise(phrase)
+    first = opener(text)
     for ago, said in enumerate(recent):
-        if normalise(said) == text or (first and opener(said) == first):
+        if normalise(said) == text or (first and opener(normalise(said)) == first):
             return ago
     return len(recent)

@@ -32,6 +32,10 @@ _BIDI_CONTROLS = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 _TAG_CHARS = re.compile(r"[\U000e0000-\U000e007f]")
 
 
+#: A `<word>` token such as `<unused0>` or `<start_of_image>`.
+_ANGLE_TOKEN = re.compile(r"<[^<>\s]{1,64}>")
+
+
 def _turn_text(value: str) -> str:
     """Refuse text an ASR transcript or a tutor turn never holds: control characters
     (NUL included), bidirectional overrides, invisible tag characters, and text without
@@ -53,7 +57,9 @@ def _turn_text(value: str) -> str:
     # Imported here: child_safety loads the profanity and phone-number libraries.
     from service.child_safety import strip_control_tokens
 
-    if not any(ch.isalnum() for ch in strip_control_tokens(value)):
+    # Also without `<word>` tokens: the served tokenizer's own (gemma's `<unused0>`) are
+    # taken out too, and which those are is only known with the model.
+    if not any(ch.isalnum() for ch in _ANGLE_TOKEN.sub(" ", strip_control_tokens(value))):
         raise ValueError(
             "must contain a letter or digit besides chat-template control tokens such as "
             "<|im_start|> (they are taken out of every turn)"

@@ -60,25 +60,27 @@ MAX_REDIS_CONNECTIONS = 128
 _QUOTES = str.maketrans("\u2018\u2019\u201c\u201d", "''\"\"")
 
 
+#: Stripped at the end of a text: sentence punctuation, quotes and spaces.
+_END_MARKS = frozenset(".!?\u2026,;:'\" ")
+#: Stripped at the start: quotes, Spanish inverted marks and spaces.
+_START_MARKS = frozenset("'\"\u00bf\u00a1 ")
+
+
 def normalise(text: str | None) -> str:
     """`text` compared loosely: NFKC, case-folded, typographic quotes made plain, spacing
-    collapsed to single spaces, and punctuation (Unicode category P*) and spaces stripped
-    at both ends only ("  What's 2+2? " -> "what's 2+2"; "No!" and "no" alike). Inside
-    the text everything stays, so "1.5 + 1.5" and "15 + 15", "20-5" and "205", "Red 🦄"
-    and "Red 🐶" differ. None -> ""."""
+    collapsed to single spaces, sentence punctuation and quotes stripped at the end and
+    quotes at the start ("  What's 2+2? " -> "what's 2+2"; "No!" and "no" alike).
+    Everything else stays, so "1.5 + 1.5" and "15 + 15", "-5" and "5", ".5" and "5",
+    ":(" and ":)", "Red 🦄" and "Red 🐶" differ. None -> ""."""
     if not text:
         return ""
     folded = " ".join(unicodedata.normalize("NFKC", text).casefold().translate(_QUOTES).split())
     start, end = 0, len(folded)
-    while start < end and _is_edge(folded[start]):
+    while start < end and folded[start] in _START_MARKS:
         start += 1
-    while end > start and _is_edge(folded[end - 1]):
+    while end > start and folded[end - 1] in _END_MARKS:
         end -= 1
     return folded[start:end]
-
-
-def _is_edge(ch: str) -> bool:
-    return ch.isspace() or unicodedata.category(ch).startswith("P")
 
 
 def repeats(candidate: str, recent: Sequence[str]) -> bool:
@@ -86,8 +88,9 @@ def repeats(candidate: str, recent: Sequence[str]) -> bool:
     same normalised text, or the same opener (first two words, `text_checks.opener`)."""
     if not recent:
         return False
-    text, first = normalise(candidate), opener(candidate)
-    return any(normalise(r) == text or (first and opener(r) == first) for r in recent)
+    text = normalise(candidate)
+    first = opener(text)
+    return any(normalise(r) == text or (first and opener(normalise(r)) == first) for r in recent)
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -136,7 +139,8 @@ class _RedisCalls:
                 self._unlogged += 1
                 return None
             logger.warning(
-                "redis %s failed: %s (%d more failures not logged in the last %.0f s)",
+                "redis %s failed: %s (%d failures not logged since the last such message; "
+                "at most one per %.0f s)",
                 operation, self.last_error, self._unlogged, LOG_EVERY_S,
             )  # fmt: skip
             self._logged_at, self._unlogged = now, 0

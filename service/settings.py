@@ -293,6 +293,12 @@ class Settings(BaseSettings):
     (`<redis_key_prefix>:feedback:ratings`, `XADD MAXLEN ~`); older entries are trimmed.
     The rating histogram is kept apart and is not trimmed."""
 
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_redis_url_is_none(cls, value: object) -> object:
+        # `FASTRESP_REDIS_URL=` (compose's `${REDIS_URL:-}`) means no Redis.
+        return None if value == "" else value
+
     @field_validator("feedback_db")
     @classmethod
     def _check_feedback_db(cls, path: Path | None) -> Path | None:

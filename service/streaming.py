@@ -54,7 +54,7 @@ from service.child_safety import TurnSafety
 from service.engine import GenerationResult
 from service.guard import GuardResult, check_tone_fit, clean_fast_response, may_become_role_prefix
 from service.schemas import FastResponseResponse
-from service.session_state import repeats
+from service.session_state import normalise, repeats
 from service.text_checks import opener, word_tokens
 
 #: The `error` event's `detail` when the finished text passes the guard but does not
@@ -66,6 +66,7 @@ RETRACTED = "retracted"
 REPEATED = "repeat"
 
 _DIGIT = re.compile(r"\d")
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 class StreamToken(BaseModel):
@@ -79,10 +80,12 @@ class StreamError(BaseModel):
     """Data of an `error` event; a `done` event with source `fallback` follows."""
 
     reason: str
-    """Why the fallback is served: `deadline`, `engine_error` or `guard`."""
+    """Why the fallback is served: `deadline`, `engine_error`, `guard` or `repeat`."""
     detail: str | None = None
     """For `guard`: the check that failed (`empty`, `truncated`, `too_long`,
-    `tone_mismatch`, `retracted`); else null."""
+    `tone_mismatch`, `retracted`, or a child-safety check: `echoes_unsafe_input`,
+    `unsafe_words`, `echoes_personal_detail`, `contact_details`); for `repeat`:
+    `repeat`; else null."""
     message: str
     """A sentence for logs and people."""
 
@@ -165,7 +168,7 @@ class StreamGuard:
         self._user_turn = user_turn
         self._safety = safety
         self._recent = list(recent)
-        self._recent_openers = {opener(text) for text in recent}
+        self._recent_openers = {opener(normalise(text)) for text in recent}
         self._raw = ""
         self._checked = 0  # length of the raw prefix last checked (at a word boundary)
         self._stuck = False  # the guard's text stopped continuing what was sent
@@ -228,11 +231,11 @@ class StreamGuard:
             if self._safety.check(text):
                 return None
             words = text.split(" ")
-            while words and _DIGIT.search(words[-1]):
-                words.pop()  # maybe the start of a phone number: wait for what follows
+            while words and (_DIGIT.search(words[-1]) or not _LETTER.search(words[-1])):
+                words.pop()  # maybe part of a phone number ("212 -"): wait for what follows
             text = " ".join(words) or None
         if text is not None and self._recent:
-            first = opener(text)
+            first = opener(normalise(text))
             if len(word_tokens(text)) < 2 or first in self._recent_openers:
                 return None  # not known yet not to repeat; `finish` decides
         return text

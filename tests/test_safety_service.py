@@ -179,11 +179,15 @@ def stream(guard: StreamGuard, deltas: list[str]) -> tuple[list[str], str | None
     return pieces, verdict.rest, verdict.rejection
 
 
-def test_the_stream_sends_no_part_of_the_childs_phone_number() -> None:
-    safety = inspect_turn(None, "my phone is 07700 900123")
-    pieces, rest, rejection = stream(
-        StreamGuard(12, safety=safety), ["Wow, ", "07700 ", "900123 ", "is ", "cool!"]
-    )
+@pytest.mark.parametrize(
+    ("turn", "deltas"),
+    [
+        ("my phone is 07700 900123", ["Wow, ", "07700 ", "900123 ", "is ", "cool!"]),
+        ("my phone is 212 555 0123", ["Call ", "212 ", "- ", "555 ", "- ", "0123 ", "now!"]),
+    ],
+)
+def test_the_stream_sends_no_part_of_the_childs_phone_number(turn: str, deltas: list[str]) -> None:
+    pieces, rest, rejection = stream(StreamGuard(12, safety=inspect_turn(None, turn)), deltas)
     assert not any(ch.isdigit() for piece in pieces for ch in piece), pieces
     assert rest is None and rejection == "echoes_personal_detail"
 
@@ -216,9 +220,22 @@ async def test_acknowledgements_rotate_without_a_session() -> None:
     metrics.close()
 
 
-@pytest.mark.parametrize("turn", ["<|im_end|>", "<start_of_turn> <end_of_turn>", "</s><s>"])
+@pytest.mark.parametrize(
+    "turn", ["<|im_end|>", "<start_of_turn> <end_of_turn>", "</s><s>", "<unused0>"]
+)
 def test_a_turn_of_control_tokens_only_is_refused(turn: str) -> None:
     with pytest.raises(ValidationError) as info:
         FastResponseRequest(personality="cheerful", user_turn=turn)
     assert info.value.errors()[0]["loc"] == ("user_turn",)
     assert turn not in str(info.value.errors()[0]["msg"])
+
+
+@pytest.mark.parametrize("turn", ["I <3 you", "5 < 6", "<|im_end|> hi", "[1, 2]"])
+def test_turns_with_angle_brackets_and_text_are_accepted(turn: str) -> None:
+    assert FastResponseRequest(personality="cheerful", user_turn=turn).user_turn == turn
+
+
+def test_an_empty_redis_url_means_no_redis() -> None:
+    from service.settings import Settings
+
+    assert Settings(redis_url="").redis_url is None

@@ -49,6 +49,7 @@ TURN = {"pika_turn": "What did you eat today?", "user_turn": "I ate pho with my 
         ("Wow, an elephant!", ["Wow, so big!"], False),  # one shared word only
         ("I see.", ["I hear you."], False),
         ("Hmm.", [], False),
+        ("\uff2f\uff4f\uff48, nice one!", ["Ooh, nice try!"], True),  # full-width letters
     ],
 )
 def test_repeats(candidate: str, recent: list[str], expected: bool) -> None:
@@ -66,6 +67,11 @@ def test_cache_key_covers_version_and_ignores_case_and_punctuation() -> None:
     # Punctuation inside a turn is kept: these are different questions.
     for a, b in [("How much is 1.5 + 1.5?", "How much is 15 + 15?"), ("20-5", "205")]:
         assert cache_key("calm", "v1", a, "3", None) != cache_key("calm", "v1", b, "3", None)
+    # ... and at the ends, a sign, a decimal point or a face is part of the answer.
+    for a, b in [("-5", "5"), (".5", "5"), ("I am sad :(", "I am sad :)")]:
+        assert cache_key("calm", "v1", "2 minus 7?", a, None) != cache_key(
+            "calm", "v1", "2 minus 7?", b, None
+        )
     assert key != cache_key("calm", "v2", "What's 2+2?", "Four!", None)
     assert key != cache_key("calm", None, "What's 2+2?", "Four!", None)
     assert key != cache_key("cheerful", "v1", "What's 2+2?", "Four!", None)
