@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from service.benchmarks import machine, percentile, today
+from service.benchmarks import machine, percentile, print_and_write, today
 
 FASTRESP = str(Path(sys.executable).parent / "fastresp")
 
@@ -241,11 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "cap": args.cap,
         **results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_write(report, args.out)
 
 
 if __name__ == "__main__":

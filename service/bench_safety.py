@@ -38,10 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.benchmarks import machine, percentile, today, write_section
+from service.benchmarks import BRIDGE_VALIDATION, machine, percentile, today, write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "bridge" / "validation.json"
+DEFAULT_DATA = BRIDGE_VALIDATION
 DEFAULT_JSON = REPO_ROOT / "docs" / "benchmarks" / "child_safety.json"
 _FIRST_SENTENCE = re.compile(r"^.*?[.!?](?=\s|$)")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shutil
 import socket
 import subprocess
@@ -41,14 +40,11 @@ from typing import Any
 import httpx
 
 from adapters.sources import Triple, read_bridge
-from service.benchmarks import machine, percentile, today
+from service.benchmarks import BRIDGE_VALIDATION, machine, percentile, print_and_write, today
 from service.engine import Engine
 from service.session_state import normalise
 from service.settings import Settings
 from service.text_checks import opener
-
-#: shared/data next to the repository (shared/data/README.md).
-DEFAULT_BRIDGE = Path(__file__).resolve().parents[2] / "shared/data/bridge/validation.json"
 
 
 def _body(triple: Triple, personality: str, session: str) -> dict[str, str]:
@@ -215,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", type=Path, help="Model directory (default: the prepared gemma-3-270m)."
     )
-    parser.add_argument("--bridge", type=Path, default=DEFAULT_BRIDGE, help="Bridge JSON file.")
+    parser.add_argument("--bridge", type=Path, default=BRIDGE_VALIDATION, help="Bridge JSON file.")
     parser.add_argument("--personality", default="cheerful", help="Personality to ask.")
     parser.add_argument("--turns", type=int, default=20, help="Turns of the one session.")
     parser.add_argument("--memory-turns", type=int, default=5, help="Answers remembered.")
@@ -234,11 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "personality": args.personality,
         **results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_write(report, args.out)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import statistics
 from pathlib import Path
+from typing import Any
+
+#: Bridge validation triples in shared/data next to the repository (shared/data/README.md),
+#: the benchmarks' default input.
+BRIDGE_VALIDATION = Path(__file__).resolve().parents[2] / "shared/data/bridge/validation.json"
 
 
 def machine() -> str:
@@ -17,6 +23,16 @@ def machine() -> str:
 def today() -> str:
     """The date in ISO format, for the provenance line."""
     return dt.date.today().isoformat()
+
+
+def print_and_write(report: dict[str, Any], out: Path | None) -> None:
+    """Print `report` as indented JSON and, when `out` is given, write it there too
+    (parent folders created)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def percentile(values: list[float], q: int) -> float:

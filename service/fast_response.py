@@ -29,7 +29,7 @@ from service.metrics import BASE_VERSION, Metrics
 from service.personalities import Personality
 from service.prompts import PromptMode, Turn, build_prompt
 from service.schemas import FastResponseRequest, FastResponseResponse
-from service.session_state import ResponseCache, SessionMemory, cache_key, normalise, repeats
+from service.session_state import ResponseCache, SessionMemory, cache_key, repeats, said_ago
 from service.streaming import (
     REPEATED,
     DoneEvent,
@@ -38,7 +38,6 @@ from service.streaming import (
     StreamGuard,
     TokenEvent,
 )
-from service.text_checks import opener
 
 if TYPE_CHECKING:
     from service.adapter_registry import ActiveAdapter
@@ -268,11 +267,11 @@ class FastResponseService:
             else:
                 text = self._fallback(personality, request.user_turn, recent)
             self._metrics.fallbacks.labels(personality.name, reason, version).inc()
-        cache_key = key if source == "model" else None
+        store_key = key if source == "model" else None  # only model answers are cached
         if background is not None:
-            background.add_task(self._keep, request.session_id, cache_key, text)
+            background.add_task(self._keep, request.session_id, store_key, text)
         else:
-            await self._keep(request.session_id, cache_key, text)
+            await self._keep(request.session_id, store_key, text)
         self._log_answer(request, request_id, source, text)
         elapsed = time.perf_counter() - started
         self._metrics.request_duration.labels(personality.name, source, version).observe(elapsed)
@@ -636,15 +635,4 @@ def _next_fresh(phrases: Iterator[str], count: int, recent: list[str]) -> str:
         if not repeats(phrase, recent):
             return phrase
         seen.append(phrase)
-    return max(seen, key=lambda phrase: _said_ago(phrase, recent))
-
-
-def _said_ago(phrase: str, recent: list[str]) -> int:
-    """How many answers ago (`recent` newest first) `phrase` or its opener was last said;
-    len(recent) when it was not."""
-    text = normalise(phrase)
-    first = opener(text)
-    for ago, said in enumerate(recent):
-        if normalise(said) == text or (first and opener(normalise(said)) == first):
-            return ago
-    return len(recent)
+    return max(seen, key=lambda phrase: said_ago(phrase, recent))

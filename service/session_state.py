@@ -86,11 +86,18 @@ def normalise(text: str | None) -> str:
 def repeats(candidate: str, recent: Sequence[str]) -> bool:
     """Whether `candidate` repeats one of `recent` (a session's last fast responses): the
     same normalised text, or the same opener (first two words, `text_checks.opener`)."""
-    if not recent:
-        return False
+    return said_ago(candidate, recent) < len(recent)
+
+
+def said_ago(candidate: str, recent: Sequence[str]) -> int:
+    """How many answers ago (`recent` newest first) `candidate` was said, by the rule of
+    `repeats`; len(recent) when it was not."""
     text = normalise(candidate)
     first = opener(text)
-    return any(normalise(r) == text or (first and opener(normalise(r)) == first) for r in recent)
+    for ago, said in enumerate(recent):
+        if normalise(said) == text or (first and opener(normalise(said)) == first):
+            return ago
+    return len(recent)
 
 
 def redis_client(settings: Settings) -> redis.Redis:
