@@ -127,8 +127,6 @@ class _RedisCalls:
 
     def __init__(self, metrics: Metrics | None) -> None:
         self._metrics = metrics
-        self.last_error: str | None = None
-        """The latest failure ("ConnectionError: ..."), None after a success."""
         self._logged_at = -LOG_EVERY_S
         self._unlogged = 0
 
@@ -136,9 +134,8 @@ class _RedisCalls:
         import redis
 
         try:
-            result = await awaitable
+            return await awaitable
         except (redis.RedisError, OSError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
             if self._metrics is not None:
                 self._metrics.redis_errors.labels(operation).inc()
             now = time.monotonic()
@@ -148,12 +145,10 @@ class _RedisCalls:
             logger.warning(
                 "redis %s failed: %s (%d failures not logged since the last such message; "
                 "at most one per %.0f s)",
-                operation, self.last_error, self._unlogged, LOG_EVERY_S,
+                operation, f"{type(exc).__name__}: {exc}", self._unlogged, LOG_EVERY_S,
             )  # fmt: skip
             self._logged_at, self._unlogged = now, 0
             return None
-        self.last_error = None
-        return result
 
 
 class SessionMemory(Protocol):
